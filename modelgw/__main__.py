@@ -1,0 +1,3 @@
+from modelgw.cli import main
+
+main()
