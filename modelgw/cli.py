@@ -12,6 +12,8 @@ import sys
 # module path -> the subcommands it registers (used to import only what is needed)
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "modelgw.runtimes.cli": ("runtime",),
+    "modelgw.registry.cli": ("apply", "get", "delete", "registry"),
+    "modelgw.gateway.cli": ("gateway",),
 }
 
 

@@ -1,0 +1,149 @@
+"""The gateway process: registry view -> routing table, gRPC and HTTP frontends, drain.
+
+    gateway = Gateway(GatewayConfig(etcd="127.0.0.1:2379"))
+    await gateway.start()
+    ...
+    await gateway.stop()     # stop accepting, finish in-flight requests, close
+
+etcd is read only by the registry view's watch; requests read the routing table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from modelgw.gateway import metrics
+from modelgw.gateway.admin import AdminApi
+from modelgw.gateway.grpc_frontend import InferenceFrontend
+from modelgw.gateway.proxy import Proxy, ProxyLimits
+from modelgw.gateway.rest_frontend import RestFrontend, make_app
+from modelgw.gateway.routing import RoutingTable
+from modelgw.gateway.upstream import UpstreamPool
+from modelgw.registry import service as registry_service
+from modelgw.registry.keys import DEFAULT_PREFIX
+from modelgw.registry.store import RegistryStore
+from modelgw.registry.view import RegistryView
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GatewayConfig:
+    etcd: str = "127.0.0.1:2379"
+    prefix: str = DEFAULT_PREFIX
+    host: str = "0.0.0.0"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    max_message_bytes: int = 64 * 1024 * 1024
+    drain_seconds: float = 30.0
+    limits: ProxyLimits = field(default_factory=ProxyLimits)
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.store = RegistryStore(config.etcd, prefix=config.prefix)
+        self.view = RegistryView(self.store)
+        self.table = RoutingTable()
+        self.pool = UpstreamPool(config.max_message_bytes)
+        self.proxy = Proxy(self.table, self.pool, config.limits)
+        self.health = health.aio.HealthServicer()
+        self._grpc: grpc.aio.Server | None = None
+        self._http: web.AppRunner | None = None
+        self.grpc_port = 0
+        self.http_port = 0
+        self._unsubscribe = None
+
+    def is_ready(self) -> bool:
+        """Ready once the registry has been read at least once; stays ready when etcd
+        goes away later, since known routes keep being served."""
+        return self.view.synced.is_set()
+
+    def _on_registry_change(self, changes: object = None) -> None:
+        snapshot = self.view.snapshot
+        self.table.update(snapshot.models.values(), snapshot.endpoints)
+        self.pool.retain(ep.address for ep in snapshot.endpoints.values())
+        metrics.ROUTES.set(len(self.table.routes))
+        metrics.REPLICAS.set(len(self.table.replicas))
+
+    def _grpc_server(self) -> grpc.aio.Server:
+        size = self.config.max_message_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", size),
+                ("grpc.max_receive_message_length", size),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        server.add_generic_rpc_handlers((InferenceFrontend(self.proxy, self.is_ready).generic_handler(),))
+        registry_service.add_to_server(server, self.store)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        return server
+
+    async def start(self) -> None:
+        self._unsubscribe = self.view.subscribe(self._on_registry_change)
+        await self.view.start(wait=False)
+
+        self._grpc = self._grpc_server()
+        self.grpc_port = self._grpc.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
+        if not self.grpc_port:
+            raise OSError(f"cannot listen on {self.config.host}:{self.config.grpc_port} for gRPC")
+        await self._grpc.start()
+
+        app = make_app(self.config.max_message_bytes)
+        RestFrontend(self.proxy, self.is_ready).add_routes(app)
+        AdminApi(self.store).add_routes(app)
+        self._http = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._http.setup()
+        site = web.TCPSite(self._http, self.config.host, self.config.http_port, reuse_port=False)
+        await site.start()
+        self.http_port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "gateway listening: gRPC %s:%d, HTTP %s:%d; registry etcd %s prefix %s",
+            self.config.host, self.grpc_port, self.config.host, self.http_port, self.config.etcd, self.config.prefix,
+        )  # fmt: skip
+
+    async def wait_synced(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self.view.synced.wait(), timeout)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: refuse new requests, let in-flight ones finish (up to `grace`), close."""
+        grace = self.config.drain_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        stops = []
+        if self._grpc is not None:
+            stops.append(self._grpc.stop(grace))
+        if self._http is not None:
+            stops.append(self._http.shutdown())
+        await asyncio.gather(*stops, return_exceptions=True)
+        if self._http is not None:
+            await self._http.cleanup()
+        if self._unsubscribe:
+            self._unsubscribe()
+        await self.view.stop()
+        await self.pool.close()
+        await self.store.close()
+        log.info("gateway stopped")
+
+
+async def run_gateway(config: GatewayConfig) -> int:
+    """Run until SIGTERM or SIGINT, then drain and exit 0."""
+    gateway = Gateway(config)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"modelgw gateway ready: grpc={gateway.grpc_port} http={gateway.http_port}", flush=True)
+    await stop.wait()
+    log.info("draining (up to %.0fs)", config.drain_seconds)
+    await gateway.stop()
+    return 0

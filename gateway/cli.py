@@ -1,0 +1,43 @@
+"""`modelgw gateway`: run the front door."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from modelgw.gateway.proxy import ProxyLimits
+from modelgw.registry.keys import DEFAULT_PREFIX
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "gateway",
+        help="run the gateway (gRPC + HTTP front door routed by the etcd registry)",
+        description="Serve every registered model over gRPC (KServe OIP v2 / Triton) and HTTP "
+        "(OIP v2 REST, admin API, /metrics), routed by the registry in etcd.",
+    )
+    p.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoint HOST:PORT (default %(default)s)")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="registry key prefix (default %(default)s)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default %(default)s)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default %(default)s)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default %(default)s)")
+    p.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024, help="largest request or response (default 64 MiB)")
+    p.add_argument("--max-in-flight", type=int, default=4096, help="requests in flight across the gateway before 429 / RESOURCE_EXHAUSTED")
+    p.add_argument("--drain-seconds", type=float, default=30.0, help="on SIGTERM, how long in-flight requests may take to finish")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from modelgw.gateway.app import GatewayConfig, run_gateway
+
+    config = GatewayConfig(
+        etcd=args.etcd,
+        prefix=args.prefix,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        max_message_bytes=args.max_message_bytes,
+        drain_seconds=args.drain_seconds,
+        limits=ProxyLimits(max_in_flight=args.max_in_flight),
+    )
+    return asyncio.run(run_gateway(config))

@@ -1,0 +1,24 @@
+"""Prometheus metrics of the gateway, in a registry of its own (served on /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry()
+
+LABELS = ("model", "version", "runtime", "protocol", "status")
+
+REQUESTS = Counter(
+    "modelgw_requests_total", "Inference requests by model, version, runtime, protocol and status", LABELS,
+    registry=REGISTRY,
+)
+LATENCY = Histogram(
+    "modelgw_request_duration_seconds", "Request latency at the gateway", LABELS,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+IN_FLIGHT = Gauge("modelgw_in_flight_requests", "Requests being served, by model", ("model",), registry=REGISTRY)
+RETRIES = Counter("modelgw_retries_total", "Requests retried on another replica", ("model",), registry=REGISTRY)
+EJECTIONS = Counter("modelgw_replica_ejections_total", "Replicas taken out of rotation after failures", ("runtime",), registry=REGISTRY)
+ROUTES = Gauge("modelgw_routes", "Models known to the routing table", registry=REGISTRY)
+REPLICAS = Gauge("modelgw_replicas", "Runtime replicas known to the routing table", registry=REGISTRY)

@@ -1,0 +1,159 @@
+"""The gateway's HTTP frontend (aiohttp): OIP v2 REST, /metrics, and mounted sub-apps.
+
+REST requests are translated to the gRPC messages the runtimes speak and forwarded by the
+same proxy as gRPC requests. Errors are JSON `{"error": "..."}` with the HTTP status
+that matches the gRPC one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import grpc
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from modelgw import __version__
+from modelgw.gateway import metrics, rest_codec
+from modelgw.gateway.errors import GatewayError
+from modelgw.gateway.grpc_frontend import EXTENSIONS
+from modelgw.gateway.proxy import STICKY_HEADER, Proxy
+from modelgw.protos import inference_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+# (request, model name) -> verified subject; raises GatewayError when refused
+RestAuthorizer = Callable[[web.Request, str], Awaitable[str | None]]
+
+
+def error_response(err: GatewayError) -> web.Response:
+    return web.json_response({"error": err.message}, status=err.http_status)
+
+
+def _timeout(request: web.Request) -> float | None:
+    value = request.headers.get("grpc-timeout") or request.headers.get("x-modelgw-timeout")
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+class RestFrontend:
+    def __init__(self, proxy: Proxy, is_ready: Callable[[], bool], authorize: RestAuthorizer | None = None) -> None:
+        self.proxy = proxy
+        self.is_ready = is_ready
+        self.authorize = authorize
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/v2/health/live", self.live)
+        app.router.add_get("/v2/health/ready", self.ready)
+        app.router.add_get("/v2", self.server_metadata)
+        app.router.add_get("/metrics", self.metrics)
+        for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            app.router.add_get(prefix, self.model_metadata)
+            app.router.add_get(prefix + "/ready", self.model_ready)
+            app.router.add_post(prefix + "/infer", self.infer)
+
+    # -- answered here -------------------------------------------------------------------
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        ready = self.is_ready()
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return web.json_response({"name": "modelgw", "version": __version__, "extensions": EXTENSIONS})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # -- routed --------------------------------------------------------------------------
+
+    async def _forward(self, request: web.Request, method: str, message: bytes, model: str, version: str) -> bytes:
+        subject = await self.authorize(request, model) if self.authorize else None
+        incoming = [(k.lower(), v) for k, v in request.headers.items()]
+        metadata, _ = Proxy.outbound_metadata(incoming, subject)
+        return await self.proxy.unary(
+            method,
+            message,
+            model,
+            version,
+            metadata=metadata,
+            timeout=_timeout(request),
+            sticky_key=request.headers.get(STICKY_HEADER),
+            protocol="rest",
+        )
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        model, version = request.match_info["model"], request.match_info.get("version", "")
+        try:
+            payload = pb.ModelMetadataRequest(name=model, version=version).SerializeToString()
+            raw = await self._forward(request, "model_metadata", payload, model, version)
+            return web.json_response(rest_codec.model_metadata_to_json(pb.ModelMetadataResponse.FromString(raw)))
+        except GatewayError as err:
+            return error_response(err)
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        model, version = request.match_info["model"], request.match_info.get("version", "")
+        try:
+            payload = pb.ModelReadyRequest(name=model, version=version).SerializeToString()
+            ready = pb.ModelReadyResponse.FromString(
+                await self._forward(request, "model_ready", payload, model, version)
+            ).ready
+        except GatewayError as err:
+            if err.code != grpc.StatusCode.UNAVAILABLE:
+                return error_response(err)
+            ready = False
+        return web.json_response({"name": model, "ready": ready}, status=200 if ready else 503)
+
+    async def infer(self, request: web.Request) -> web.Response:
+        model, version = request.match_info["model"], request.match_info.get("version", "")
+        try:
+            body = await request.read()
+            document, binary = rest_codec.split_body(body, request.headers.get(HEADER_LENGTH))
+            message, binary_all, binary_outputs = rest_codec.infer_request_from_json(document, binary, model, version)
+            raw = await self._forward(request, "model_infer", message.SerializeToString(), model, version)
+            out, header_length = rest_codec.infer_response_to_body(
+                pb.ModelInferResponse.FromString(raw), binary_all, binary_outputs
+            )
+        except GatewayError as err:
+            return error_response(err)
+        if header_length is None:
+            return web.Response(body=out, content_type="application/json")
+        return web.Response(
+            body=out,
+            headers={HEADER_LENGTH: str(header_length), "Content-Type": "application/octet-stream"},
+        )
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """aiohttp's own errors (404 route, 405, 413 body too large) as JSON too; never a 500
+    with a traceback for a client's mistake."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.text or exc.reason
+        if exc.status == 413:
+            message = f"the request body is larger than the limit of {request.app['max_body_bytes']} bytes"
+        elif exc.status == 404:
+            message = f"no such endpoint: {request.method} {request.path}"
+        return web.json_response({"error": message}, status=exc.status)
+    except GatewayError as err:
+        return error_response(err)
+    except Exception:
+        log.exception("unhandled error for %s %s", request.method, request.path)
+        return web.json_response({"error": "internal error; see the gateway log"}, status=500)
+
+
+def make_app(max_body_bytes: int = 64 * 1024 * 1024) -> web.Application:
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[json_errors])
+    app["max_body_bytes"] = max_body_bytes
+    return app

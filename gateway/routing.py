@@ -1,0 +1,180 @@
+"""The routing table: model name -> versions, traffic split and ready replicas.
+
+Rebuilt from registry snapshots (models and endpoints) whenever the watch cache says
+something changed; requests only read it. Picking a replica is a dict lookup, a weighted
+version choice and a power-of-two-choices draw on outstanding requests, all without
+awaiting anything.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import grpc
+
+from modelgw.gateway.errors import GatewayError
+from modelgw.protos import registry_pb2 as rpb
+
+
+@dataclass(eq=False)
+class Replica:
+    """One runtime replica as the gateway sees it. Identity is the endpoint key."""
+
+    key: str
+    runtime: str
+    address: str
+    outstanding: int = 0
+    ejected_until: float = 0.0
+    failures: int = 0
+
+    def available(self, now: float) -> bool:
+        return self.ejected_until <= now
+
+    def eject(self, base_seconds: float = 2.0, max_seconds: float = 30.0) -> None:
+        """Take the replica out of rotation, for longer after each consecutive failure."""
+        self.failures += 1
+        self.ejected_until = time.monotonic() + min(max_seconds, base_seconds * 2 ** (self.failures - 1))
+
+    def succeeded(self) -> None:
+        if self.failures:
+            self.failures = 0
+            self.ejected_until = 0.0
+
+
+@dataclass
+class ModelRoute:
+    spec: rpb.ModelSpec
+    versions: tuple[str, ...]
+    # cumulative traffic weights but the last; bisect_right(thresholds, p) indexes versions
+    thresholds: list[int]
+    threshold_versions: list[str]
+    replicas: dict[str, list[Replica]] = field(default_factory=dict)
+    runtimes: dict[str, str] = field(default_factory=dict)  # version -> runtime
+
+    def choose_version(self, requested: str, sticky_key: str | None) -> str:
+        if requested:
+            if requested not in self.runtimes:
+                raise GatewayError(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"model '{self.spec.name}' has no version '{requested}'; "
+                    f"versions: {', '.join(self.versions)}",
+                )
+            return requested
+        if sticky_key is not None:
+            digest = hashlib.blake2b(f"{self.spec.name}\0{sticky_key}".encode(), digest_size=8).digest()
+            point = int.from_bytes(digest, "big") % 100
+        else:
+            point = random.randrange(100)
+        return self.threshold_versions[bisect.bisect_right(self.thresholds, point)]
+
+
+def build_route(spec: rpb.ModelSpec) -> ModelRoute | None:
+    """A route for a model spec (no replicas yet); None for a model with no versions."""
+    versions = tuple(v.version for v in spec.versions)
+    if not versions:
+        return None
+    weights = dict(spec.traffic) if spec.traffic else {versions[-1]: 100}
+    cumulative: list[int] = []
+    chosen: list[str] = []
+    for version in versions:
+        if weights.get(version, 0) > 0:
+            cumulative.append((cumulative[-1] if cumulative else 0) + weights[version])
+            chosen.append(version)
+    if not chosen or cumulative[-1] != 100:
+        # validation refuses such specs; never crash on one that slipped in
+        cumulative, chosen = [100], [versions[-1]]
+    # a point p in [0, 100) selects the first version whose cumulative weight exceeds p
+    thresholds = cumulative[:-1]
+    return ModelRoute(
+        spec=spec,
+        versions=versions,
+        thresholds=thresholds,
+        threshold_versions=chosen,
+        runtimes={v.version: v.runtime for v in spec.versions},
+    )
+
+
+class RoutingTable:
+    """Models and replicas, rebuilt on registry changes, read by every request."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, ModelRoute] = {}
+        self.replicas: dict[str, Replica] = {}  # endpoint key -> replica (kept across rebuilds)
+        self._models: dict[str, rpb.ModelSpec] = {}
+        self._endpoints: dict[str, rpb.Endpoint] = {}
+
+    # -- updates (from the registry watch cache) ---------------------------------------
+
+    def update(
+        self,
+        models: Iterable[rpb.ModelSpec] | None = None,
+        endpoints: dict[str, rpb.Endpoint] | None = None,
+    ) -> None:
+        """Replace the known models and/or endpoints and rebuild the routes."""
+        if models is not None:
+            self._models = {m.name: m for m in models}
+        if endpoints is not None:
+            self._endpoints = dict(endpoints)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        replicas: dict[str, Replica] = {}
+        for key, ep in self._endpoints.items():
+            replica = self.replicas.get(key)
+            if replica is None or replica.address != ep.address:
+                replica = Replica(key=key, runtime=ep.runtime, address=ep.address)
+            replicas[key] = replica
+        # one pass over the endpoints: (runtime, model, version) -> replicas serving it ready
+        serving: dict[tuple[str, str, str], list[Replica]] = {}
+        for key, ep in self._endpoints.items():
+            if not ep.ready:
+                continue
+            for m in ep.models:
+                if m.state == rpb.LoadedModel.READY:
+                    serving.setdefault((ep.runtime, m.name, m.version), []).append(replicas[key])
+        routes: dict[str, ModelRoute] = {}
+        for name, spec in self._models.items():
+            route = build_route(spec)
+            if route is None:
+                continue
+            for version, runtime in route.runtimes.items():
+                route.replicas[version] = serving.get((runtime, name, version), [])
+            routes[name] = route
+        self.replicas = replicas
+        self.routes = routes
+
+    # -- the hot path --------------------------------------------------------------------
+
+    def route(self, model: str) -> ModelRoute:
+        route = self.routes.get(model)
+        if route is None:
+            raise GatewayError(grpc.StatusCode.NOT_FOUND, f"unknown model '{model}'")
+        return route
+
+    def pick(
+        self, model: str, version: str = "", sticky_key: str | None = None, exclude: Replica | None = None
+    ) -> tuple[str, Replica]:
+        """(version, replica) for a request: traffic split, then power of two choices."""
+        route = self.route(model)
+        chosen = route.choose_version(version, sticky_key)
+        candidates = route.replicas.get(chosen, ())
+        if not candidates:
+            raise GatewayError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"model '{model}' version '{chosen}' has no ready replica "
+                f"(runtime '{route.runtimes[chosen]}': none has this version loaded and ready)",
+            )
+        now = time.monotonic()
+        healthy = [r for r in candidates if r is not exclude and r.available(now)]
+        if not healthy:
+            # every replica is ejected or excluded: try one anyway rather than fail outright
+            healthy = [r for r in candidates if r is not exclude] or list(candidates)
+        if len(healthy) == 1:
+            return chosen, healthy[0]
+        a, b = random.sample(healthy, 2)
+        return chosen, a if a.outstanding <= b.outstanding else b
