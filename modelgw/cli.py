@@ -14,6 +14,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "modelgw.runtimes.cli": ("runtime",),
     "modelgw.registry.cli": ("apply", "get", "delete", "registry"),
     "modelgw.gateway.cli": ("gateway",),
+    "modelgw.reconciler.cli": ("reconcile",),
 }
 
 

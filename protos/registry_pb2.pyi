@@ -10,6 +10,17 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ApplyOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    APPLY_OUTCOME_UNSPECIFIED: _ClassVar[ApplyOutcome]
+    CREATED: _ClassVar[ApplyOutcome]
+    UPDATED: _ClassVar[ApplyOutcome]
+    UNCHANGED: _ClassVar[ApplyOutcome]
+APPLY_OUTCOME_UNSPECIFIED: ApplyOutcome
+CREATED: ApplyOutcome
+UPDATED: ApplyOutcome
+UNCHANGED: ApplyOutcome
+
 class Resources(_message.Message):
     __slots__ = ("cpu", "memory", "gpu")
     CPU_FIELD_NUMBER: _ClassVar[int]
@@ -220,22 +231,26 @@ class RuntimeStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., replicas_desired: _Optional[int] = ..., replicas_ready: _Optional[int] = ..., conditions: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., observed_revision: _Optional[int] = ..., backend: _Optional[str] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ModelRecord(_message.Message):
-    __slots__ = ("spec", "revision")
+    __slots__ = ("spec", "revision", "create_revision")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    CREATE_REVISION_FIELD_NUMBER: _ClassVar[int]
     spec: ModelSpec
     revision: int
-    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
+    create_revision: int
+    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., revision: _Optional[int] = ..., create_revision: _Optional[int] = ...) -> None: ...
 
 class RuntimeRecord(_message.Message):
-    __slots__ = ("spec", "revision", "status")
+    __slots__ = ("spec", "revision", "status", "create_revision")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_REVISION_FIELD_NUMBER: _ClassVar[int]
     spec: RuntimeSpec
     revision: int
     status: RuntimeStatus
-    def __init__(self, spec: _Optional[_Union[RuntimeSpec, _Mapping]] = ..., revision: _Optional[int] = ..., status: _Optional[_Union[RuntimeStatus, _Mapping]] = ...) -> None: ...
+    create_revision: int
+    def __init__(self, spec: _Optional[_Union[RuntimeSpec, _Mapping]] = ..., revision: _Optional[int] = ..., status: _Optional[_Union[RuntimeStatus, _Mapping]] = ..., create_revision: _Optional[int] = ...) -> None: ...
 
 class ApplyModelRequest(_message.Message):
     __slots__ = ("spec", "expected_revision")
@@ -252,6 +267,22 @@ class ApplyRuntimeRequest(_message.Message):
     spec: RuntimeSpec
     expected_revision: int
     def __init__(self, spec: _Optional[_Union[RuntimeSpec, _Mapping]] = ..., expected_revision: _Optional[int] = ...) -> None: ...
+
+class ApplyModelResponse(_message.Message):
+    __slots__ = ("record", "outcome")
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    record: ModelRecord
+    outcome: ApplyOutcome
+    def __init__(self, record: _Optional[_Union[ModelRecord, _Mapping]] = ..., outcome: _Optional[_Union[ApplyOutcome, str]] = ...) -> None: ...
+
+class ApplyRuntimeResponse(_message.Message):
+    __slots__ = ("record", "outcome")
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    record: RuntimeRecord
+    outcome: ApplyOutcome
+    def __init__(self, record: _Optional[_Union[RuntimeRecord, _Mapping]] = ..., outcome: _Optional[_Union[ApplyOutcome, str]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
     __slots__ = ("name",)
@@ -280,16 +311,20 @@ class DeleteResponse(_message.Message):
     def __init__(self, revision: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "revision")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelRecord]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelRecord, _Mapping]]] = ...) -> None: ...
+    revision: int
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelRecord, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class ListRuntimesResponse(_message.Message):
-    __slots__ = ("runtimes",)
+    __slots__ = ("runtimes", "revision")
     RUNTIMES_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     runtimes: _containers.RepeatedCompositeFieldContainer[RuntimeRecord]
-    def __init__(self, runtimes: _Optional[_Iterable[_Union[RuntimeRecord, _Mapping]]] = ...) -> None: ...
+    revision: int
+    def __init__(self, runtimes: _Optional[_Iterable[_Union[RuntimeRecord, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class ListEndpointsRequest(_message.Message):
     __slots__ = ("runtime",)
@@ -298,10 +333,12 @@ class ListEndpointsRequest(_message.Message):
     def __init__(self, runtime: _Optional[str] = ...) -> None: ...
 
 class ListEndpointsResponse(_message.Message):
-    __slots__ = ("endpoints",)
+    __slots__ = ("endpoints", "revision")
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
-    def __init__(self, endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ...) -> None: ...
+    revision: int
+    def __init__(self, endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("start_revision",)

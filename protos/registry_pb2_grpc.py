@@ -37,7 +37,7 @@ class RegistryServiceStub:
         self.ApplyModel = channel.unary_unary(
                 '/modelgw.registry.v1.RegistryService/ApplyModel',
                 request_serializer=registry__pb2.ApplyModelRequest.SerializeToString,
-                response_deserializer=registry__pb2.ModelRecord.FromString,
+                response_deserializer=registry__pb2.ApplyModelResponse.FromString,
                 _registered_method=True)
         self.GetModel = channel.unary_unary(
                 '/modelgw.registry.v1.RegistryService/GetModel',
@@ -57,7 +57,7 @@ class RegistryServiceStub:
         self.ApplyRuntime = channel.unary_unary(
                 '/modelgw.registry.v1.RegistryService/ApplyRuntime',
                 request_serializer=registry__pb2.ApplyRuntimeRequest.SerializeToString,
-                response_deserializer=registry__pb2.RuntimeRecord.FromString,
+                response_deserializer=registry__pb2.ApplyRuntimeResponse.FromString,
                 _registered_method=True)
         self.GetRuntime = channel.unary_unary(
                 '/modelgw.registry.v1.RegistryService/GetRuntime',
@@ -155,7 +155,7 @@ def add_RegistryServiceServicer_to_server(servicer, server):
             'ApplyModel': grpc.unary_unary_rpc_method_handler(
                     servicer.ApplyModel,
                     request_deserializer=registry__pb2.ApplyModelRequest.FromString,
-                    response_serializer=registry__pb2.ModelRecord.SerializeToString,
+                    response_serializer=registry__pb2.ApplyModelResponse.SerializeToString,
             ),
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
@@ -175,7 +175,7 @@ def add_RegistryServiceServicer_to_server(servicer, server):
             'ApplyRuntime': grpc.unary_unary_rpc_method_handler(
                     servicer.ApplyRuntime,
                     request_deserializer=registry__pb2.ApplyRuntimeRequest.FromString,
-                    response_serializer=registry__pb2.RuntimeRecord.SerializeToString,
+                    response_serializer=registry__pb2.ApplyRuntimeResponse.SerializeToString,
             ),
             'GetRuntime': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRuntime,
@@ -229,7 +229,7 @@ class RegistryService:
             target,
             '/modelgw.registry.v1.RegistryService/ApplyModel',
             registry__pb2.ApplyModelRequest.SerializeToString,
-            registry__pb2.ModelRecord.FromString,
+            registry__pb2.ApplyModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -337,7 +337,7 @@ class RegistryService:
             target,
             '/modelgw.registry.v1.RegistryService/ApplyRuntime',
             registry__pb2.ApplyRuntimeRequest.SerializeToString,
-            registry__pb2.RuntimeRecord.FromString,
+            registry__pb2.ApplyRuntimeResponse.FromString,
             options,
             channel_credentials,
             insecure,

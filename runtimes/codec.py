@@ -98,9 +98,8 @@ def datatype_of(array: np.ndarray) -> str:
 
 def element_count(name: str, shape: Sequence[int]) -> int:
     """Number of elements of a concrete shape; refuses negative dimensions."""
-    for dim in shape:
-        if dim < 0:
-            raise TensorError(name, f"shape {list(shape)} has a negative dimension")
+    if shape and min(shape) < 0:
+        raise TensorError(name, f"shape {list(shape)} has a negative dimension")
     return math.prod(shape)
 
 
@@ -114,16 +113,25 @@ def _check_datatype(name: str, datatype: str) -> None:
 # ------------------------------------------------------------------ BYTES framing
 
 
+def _as_bytes(item: Any) -> bytes:
+    """One BYTES element: bytes as they are, str as UTF-8, anything else as its str().
+
+    Typed and raw encoding share this so both give the same element for the same value
+    (`bytes(5)` would silently be five zero bytes)."""
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    if isinstance(item, str):
+        return item.encode("utf-8")
+    return str(item).encode("utf-8")
+
+
 def serialize_bytes(array: np.ndarray) -> bytes:
     """BYTES elements, row-major, each as a 4-byte length and its bytes."""
     parts: list[bytes] = []
     for item in array.reshape(-1):
-        if isinstance(item, str):
-            item = item.encode("utf-8")
-        elif not isinstance(item, (bytes, bytearray, memoryview)):
-            item = str(item).encode("utf-8")
+        item = _as_bytes(item)
         parts.append(_LEN.pack(len(item)))
-        parts.append(bytes(item))
+        parts.append(item)
     return b"".join(parts)
 
 
@@ -133,6 +141,12 @@ def deserialize_bytes(name: str, raw: bytes | memoryview, count: int) -> list[by
     out: list[bytes] = []
     offset = 0
     total = len(view)
+    # Each element needs at least its 4-byte length: a shape far larger than the data
+    # fails here at once instead of after allocating `count` slots.
+    if count * 4 > total:
+        raise TensorError(
+            name, f"{count} BYTES elements need at least {count * 4} bytes, but {total} were given"
+        )
     for i in range(count):
         if offset + 4 > total:
             raise TensorError(name, f"BYTES data ends inside the length of element {i} of {count}")
@@ -170,14 +184,28 @@ def bf16_bits_to_float(bits: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------ decode
 
 
+def _reshape(name: str, array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """array.reshape(shape), with numpy's limits (at most 64 dimensions, sizes that fit
+    in memory addressing, even for zero-size arrays) reported as a TensorError."""
+    try:
+        return array.reshape(shape)
+    except ValueError as exc:
+        raise TensorError(name, f"shape {list(shape)} is not usable: {exc}") from None
+
+
+def _object_array(items: Sequence[bytes]) -> np.ndarray:
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array
+
+
 def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
     """A numpy array from raw contents; zero-copy (read-only) for fixed-size types."""
     _check_datatype(name, datatype)
+    shape = tuple(shape)  # once: a protobuf repeated field is slow to iterate repeatedly
     count = element_count(name, shape)
     if datatype == "BYTES":
-        array = np.empty(count, dtype=object)
-        array[:] = deserialize_bytes(name, raw, count)
-        return array.reshape(shape)
+        return _reshape(name, _object_array(deserialize_bytes(name, raw, count)), shape)
     itemsize = 2 if datatype == "BF16" else NUMPY_DTYPES[datatype].itemsize
     if len(raw) != count * itemsize:
         raise TensorError(
@@ -186,13 +214,13 @@ def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np
             f"needs {count} x {itemsize} = {count * itemsize} bytes",
         )
     if datatype == "BF16":
-        return bf16_bits_to_float(np.frombuffer(raw, dtype="<u2")).reshape(shape)
+        return _reshape(name, bf16_bits_to_float(np.frombuffer(raw, dtype="<u2")), shape)
     if datatype == "BOOL":
         values = np.frombuffer(raw, dtype=np.uint8)
         if values.size and values.max() > 1:
             raise TensorError(name, "BOOL raw contents must be bytes 0 or 1")
-        return values.view(np.bool_).reshape(shape)
-    return np.frombuffer(raw, dtype=NUMPY_DTYPES[datatype]).reshape(shape)
+        return _reshape(name, values.view(np.bool_), shape)
+    return _reshape(name, np.frombuffer(raw, dtype=NUMPY_DTYPES[datatype]), shape)
 
 
 def decode_contents(
@@ -200,6 +228,7 @@ def decode_contents(
 ) -> np.ndarray:
     """A numpy array from typed contents; refuses contents of another type's field."""
     _check_datatype(name, datatype)
+    shape = tuple(shape)
     count = element_count(name, shape)
     field = CONTENTS_FIELD[datatype]
     if field is None:
@@ -215,17 +244,15 @@ def decode_contents(
             name, f"shape {list(shape)} needs {count} elements but {len(values)} were given"
         )
     if datatype == "BYTES":
-        array = np.empty(count, dtype=object)
-        array[:] = list(values)
-        return array.reshape(shape)
+        return _reshape(name, _object_array(list(values)), shape)
     dtype = NUMPY_DTYPES[datatype]
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         array = np.asarray(values, dtype=np.int64 if dtype.kind == "i" else np.uint64)
         if array.size and (array.min() < info.min or array.max() > info.max):
             raise TensorError(name, f"a value is out of range for {datatype}")
-        return array.astype(dtype).reshape(shape)
-    return np.asarray(values, dtype=dtype).reshape(shape)
+        return _reshape(name, array.astype(dtype), shape)
+    return _reshape(name, np.asarray(values, dtype=dtype), shape)
 
 
 def decode_request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
@@ -255,6 +282,12 @@ def decode_request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray
 def decode_response_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     """Every output of a ModelInferResponse, by name (the client-side counterpart)."""
     raw = response.raw_output_contents
+    if raw and len(raw) != len(response.outputs):
+        raise TensorError(
+            "*",
+            f"raw_output_contents has {len(raw)} entries for {len(response.outputs)} outputs; "
+            "expected one entry per output or none",
+        )
     outputs: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(response.outputs):
         if raw:
@@ -291,9 +324,7 @@ def encode_contents(
         raise TensorError(name, f"{datatype} has no typed contents; use raw contents")
     flat = np.asarray(array).reshape(-1)
     if datatype == "BYTES":
-        getattr(contents, field).extend(
-            item.encode("utf-8") if isinstance(item, str) else bytes(item) for item in flat
-        )
+        getattr(contents, field).extend(_as_bytes(item) for item in flat)
     else:
         getattr(contents, field).extend(flat.astype(NUMPY_DTYPES[datatype]).tolist())
 

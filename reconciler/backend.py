@@ -1,0 +1,54 @@
+"""What the reconciler core asks of a backend: observe workloads, make one match a
+runtime spec, remove one. A backend is declarative, as a Kubernetes Deployment is: it is
+told the desired spec and replica count and keeps its replicas there by itself
+(the local backend supervises processes; the kubernetes backend leaves that to the
+Deployment controller)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from modelgw.protos import registry_pb2 as rpb
+
+
+@dataclass
+class Workload:
+    """A runtime's workload as a backend sees it."""
+
+    runtime: str
+    spec_hash: str          # hash of the spec it runs (replicas excluded)
+    replicas: int           # replicas it is asked to run
+    running: int = 0        # replicas whose process/pod is up (not necessarily ready)
+    restarts: int = 0       # crashes since the workload was created
+    problems: list[str] = field(default_factory=list)  # e.g. "replica 1 keeps crashing: ..."
+
+
+def spec_hash(spec: rpb.RuntimeSpec) -> str:
+    """A stable hash of everything in a runtime spec that needs new replicas to change
+    (everything but the replica count)."""
+    pod = rpb.RuntimeSpec()
+    pod.CopyFrom(spec)
+    pod.replicas = 0
+    return hashlib.sha256(pod.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+
+class Backend(Protocol):
+    name: str
+
+    async def observe(self) -> dict[str, Workload]:
+        """Every workload this backend manages, by runtime name."""
+        ...
+
+    async def ensure(self, spec: rpb.RuntimeSpec, spec_hash: str) -> None:
+        """Create or update the runtime's workload to run `spec` with spec.replicas replicas."""
+        ...
+
+    async def remove(self, runtime: str) -> None:
+        """Stop and delete the runtime's workload."""
+        ...
+
+    async def close(self) -> None:
+        """Release what the backend holds (the local backend stops its processes)."""
+        ...

@@ -1,0 +1,68 @@
+"""`modelgw reconcile`: keep runtime workloads in line with the registry."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import tempfile
+
+from modelgw.registry.keys import DEFAULT_PREFIX
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "reconcile",
+        help="run the reconciler (registry runtimes -> running replicas)",
+        description="Start, scale, restart and remove runtime replicas so that they match the "
+        "runtimes in the registry. Several reconcilers may run: one leads, the others stand by.",
+    )
+    p.add_argument("--backend", choices=["local", "kubernetes"], default="local")
+    p.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoint HOST:PORT (default %(default)s)")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="registry key prefix (default %(default)s)")
+    p.add_argument("--identity", default=None, help="this reconciler's name in the election (default host-pid)")
+    p.add_argument("--lease-ttl", type=int, default=10, help="leader and endpoint lease TTL in seconds")
+    p.add_argument("--resync-seconds", type=float, default=5.0, help="reconcile at least this often")
+    p.add_argument("--data-dir", default=None, help="local backend: where replica logs go")
+    p.add_argument("--host", default="127.0.0.1", help="local backend: address replicas listen on")
+    p.set_defaults(func=run)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    # replicas are forked from this process; gRPC's fork handlers are not needed (the
+    # child execs at once) and only log noise when other threads use gRPC
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+    from modelgw.reconciler.core import Reconciler
+    from modelgw.reconciler.local import LocalBackend
+    from modelgw.registry.store import RegistryStore
+
+    if args.backend != "local":
+        log.error("the %s backend is not available yet; use --backend local", args.backend)
+        return 2
+    data_dir = args.data_dir or tempfile.mkdtemp(prefix="modelgw-reconciler-")
+    backend = LocalBackend(
+        args.etcd, args.prefix, log_dir=os.path.join(data_dir, "logs"), host=args.host, lease_ttl=args.lease_ttl
+    )
+    identity = args.identity or f"{socket.gethostname()}-{os.getpid()}"
+    store = RegistryStore(args.etcd, prefix=args.prefix)
+    reconciler = Reconciler(store, backend, identity, resync_seconds=args.resync_seconds, lease_ttl=args.lease_ttl)
+    task = asyncio.ensure_future(reconciler.run())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    log.info("reconciler %s started (backend %s, etcd %s, logs in %s)", identity, backend.name, args.etcd, data_dir)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await backend.close()
+    await store.close()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_run(args))

@@ -1,0 +1,272 @@
+"""kubectl-like registry commands:
+
+    modelgw apply -f FILE|DIR        apply runtimes and models from YAML or JSON (-f - : stdin)
+    modelgw get models|runtimes|endpoints [NAME] [-o table|yaml|json]
+    modelgw delete model|runtime NAME [--force] [--revision N]
+    modelgw registry serve --etcd HOST:PORT [--port 8001]
+
+The file format is described in modelgw.registry.files. The commands talk to the
+RegistryService (`--server HOST:PORT`, default 127.0.0.1:8001 where the gateway mounts
+it), or straight to etcd with `--etcd HOST:PORT` (to bootstrap before a gateway runs;
+--etcd wins when both are given).
+$MODELGW_SERVER, $MODELGW_ETCD and $MODELGW_PREFIX set the defaults. A failure prints one
+line on stderr and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from modelgw.protos import registry_pb2 as rpb
+from modelgw.registry import files
+from modelgw.registry.errors import RegistryError, UnavailableError
+from modelgw.registry.keys import DEFAULT_PREFIX
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SERVER = "127.0.0.1:8001"
+
+# resource words accepted by get/delete -> canonical kind
+RESOURCES = {
+    "model": "Model", "models": "Model", "mo": "Model",
+    "runtime": "Runtime", "runtimes": "Runtime", "rt": "Runtime",
+    "endpoint": "Endpoint", "endpoints": "Endpoint", "ep": "Endpoint",
+}  # fmt: skip
+OUTCOMES = {rpb.CREATED: "created", rpb.UPDATED: "configured", rpb.UNCHANGED: "unchanged"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    connection = argparse.ArgumentParser(add_help=False)
+    where = connection.add_argument_group("registry connection")
+    where.add_argument(
+        "--server",
+        default=os.environ.get("MODELGW_SERVER", DEFAULT_SERVER),
+        metavar="HOST:PORT",
+        help=f"RegistryService address (default: $MODELGW_SERVER or {DEFAULT_SERVER})",
+    )
+    where.add_argument(
+        "--etcd",
+        default=os.environ.get("MODELGW_ETCD"),
+        metavar="HOST:PORT",
+        help="talk to etcd directly instead of the RegistryService (default: $MODELGW_ETCD)",
+    )
+    where.add_argument(
+        "--prefix",
+        default=os.environ.get("MODELGW_PREFIX", DEFAULT_PREFIX),
+        help=f"registry key prefix in etcd, with --etcd (default: {DEFAULT_PREFIX})",
+    )
+    where.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default: 10)")
+
+    apply = subparsers.add_parser(
+        "apply",
+        parents=[connection],
+        help="create or update runtimes and models from files",
+        description="Create or update runtimes and models from YAML or JSON files "
+        "(documents with kind: Runtime|Model and spec:; see modelgw.registry.files).",
+    )
+    apply.add_argument(
+        "-f", "--filename", action="append", required=True, metavar="FILE",
+        help="a file, a directory (its *.yaml, *.yml, *.json) or - for stdin; repeatable",
+    )
+    apply.set_defaults(func=lambda args: _run(_apply, args))
+
+    get = subparsers.add_parser("get", parents=[connection], help="show models, runtimes or endpoints")
+    get.add_argument("resource", choices=sorted(RESOURCES), metavar="models|runtimes|endpoints")
+    get.add_argument("name", nargs="?", help="one record by name (endpoints: a runtime's endpoints)")
+    get.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
+    get.set_defaults(func=lambda args: _run(_get, args))
+
+    delete = subparsers.add_parser("delete", parents=[connection], help="delete a model or runtime")
+    delete.add_argument("resource", choices=sorted(k for k, v in RESOURCES.items() if v != "Endpoint"),
+                        metavar="model|runtime")  # fmt: skip
+    delete.add_argument("name")
+    delete.add_argument("--force", action="store_true", help="runtimes: delete even while models use it")
+    delete.add_argument("--revision", type=int, help="delete only if the record is still at this revision")
+    delete.set_defaults(func=lambda args: _run(_delete, args))
+
+    registry = subparsers.add_parser("registry", help="run the registry service")
+    registry_commands = registry.add_subparsers(dest="registry_command", metavar="COMMAND", required=True)
+    serve = registry_commands.add_parser("serve", help="serve the RegistryService over gRPC on its own")
+    serve.add_argument("--etcd", default=os.environ.get("MODELGW_ETCD", "127.0.0.1:2379"), metavar="HOST:PORT")
+    serve.add_argument("--prefix", default=os.environ.get("MODELGW_PREFIX", DEFAULT_PREFIX))
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8001, help="port to listen on (default: 8001; 0: any free)")
+    serve.set_defaults(func=lambda args: _run(_serve, args))
+
+
+# ---------------------------------------------------------------- plumbing
+
+
+def _run(command: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(command(args)) or 0
+    except (RegistryError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _registry(args: argparse.Namespace):
+    """The store (with --etcd) or a RegistryService client: both have the same methods."""
+    if args.etcd:
+        from modelgw.registry.store import RegistryStore
+
+        return RegistryStore(args.etcd, prefix=args.prefix, timeout=args.timeout)
+    from modelgw.registry.client import RegistryClient
+
+    return RegistryClient(args.server, timeout=args.timeout)
+
+
+def _expand(paths: list[str]) -> list[str]:
+    """Files as given; a directory stands for its *.yaml, *.yml and *.json files, sorted."""
+    expanded = []
+    for path in paths:
+        if path != "-" and os.path.isdir(path):
+            names = sorted(n for n in os.listdir(path) if n.endswith((".yaml", ".yml", ".json")))
+            expanded += [os.path.join(path, n) for n in names]
+        else:
+            expanded.append(path)
+    return expanded
+
+
+def _read(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+# ---------------------------------------------------------------- apply
+
+
+async def _apply(args: argparse.Namespace) -> int:
+    documents: list[files.Document] = []
+    for path in _expand(args.filename):
+        try:
+            text = _read(path)
+        except OSError as exc:
+            raise OSError(f"cannot read {path}: {exc.strerror or exc}") from None
+        documents += files.parse_documents(text, "stdin" if path == "-" else path)
+    # runtimes first: models need their runtimes to exist
+    documents.sort(key=lambda d: d.kind != "Runtime")
+    failed = 0
+    async with _registry(args) as registry:
+        for doc in documents:
+            apply = registry.apply_runtime if doc.kind == "Runtime" else registry.apply_model
+            try:
+                result = await apply(doc.spec, doc.revision)
+            except RegistryError as exc:
+                if isinstance(exc, UnavailableError):
+                    raise
+                print(f"error: {doc.source}: {exc}", file=sys.stderr)
+                failed += 1
+                continue
+            print(f"{doc.kind.lower()}/{doc.spec.name} {OUTCOMES.get(result.outcome, 'applied')}")
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------- get
+
+
+async def _get(args: argparse.Namespace) -> int:
+    kind = RESOURCES[args.resource]
+    async with _registry(args) as registry:
+        if kind == "Model":
+            records = [await registry.get_model(args.name)] if args.name else list((await registry.list_models()).models)
+            documents = [files.model_document(r) for r in records]
+            rows = [_model_row(r) for r in records]
+            header = ("NAME", "VERSIONS", "RUNTIMES", "TRAFFIC", "REVISION")
+        elif kind == "Runtime":
+            if args.name:
+                runtimes = [await registry.get_runtime(args.name)]
+            else:
+                runtimes = list((await registry.list_runtimes()).runtimes)
+            documents = [files.runtime_document(r) for r in runtimes]
+            rows = [_runtime_row(r) for r in runtimes]
+            header = ("NAME", "KIND", "REPLICAS", "READY", "FORMATS", "REVISION")
+        else:
+            endpoints = list((await registry.list_endpoints(args.name or "")).endpoints)
+            documents = [files.endpoint_document(e) for e in endpoints]
+            rows = [_endpoint_row(e) for e in endpoints]
+            header = ("RUNTIME", "INSTANCE", "ADDRESS", "READY", "MODELS")
+    if args.output == "yaml":
+        if documents:
+            sys.stdout.write(files.dump_yaml(documents))
+    elif args.output == "json":
+        sys.stdout.write(files.dump_json(documents, single=bool(args.name) and kind != "Endpoint"))
+    elif rows:
+        sys.stdout.write(_table(header, rows))
+    if not documents:
+        print(f"No {files.PLURAL[kind]} found.", file=sys.stderr)
+    return 0
+
+
+def _model_row(record: rpb.ModelRecord) -> tuple[str, ...]:
+    spec = record.spec
+    versions = [v.version for v in spec.versions]
+    runtimes = dict.fromkeys(v.runtime for v in spec.versions)
+    if spec.traffic:
+        traffic = ",".join(f"{v}:{spec.traffic[v]}" for v in versions if v in spec.traffic)
+    else:
+        traffic = f"{versions[-1]}:100" if versions else "-"
+    return (spec.name, ",".join(versions) or "-", ",".join(runtimes) or "-", traffic, str(record.revision))
+
+
+def _runtime_row(record: rpb.RuntimeRecord) -> tuple[str, ...]:
+    spec = record.spec
+    ready = f"{record.status.replicas_ready}/{spec.replicas}" if record.HasField("status") else "-"
+    return (spec.name, spec.kind, str(spec.replicas), ready, ",".join(spec.model_formats), str(record.revision))
+
+
+def _endpoint_row(endpoint: rpb.Endpoint) -> tuple[str, ...]:
+    models = ",".join(
+        f"{m.name}:{m.version or '-'}:{rpb.LoadedModel.State.Name(m.state)}" for m in endpoint.models
+    )
+    return (endpoint.runtime, endpoint.instance, endpoint.address, str(endpoint.ready).lower(), models or "-")
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["   ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- delete
+
+
+async def _delete(args: argparse.Namespace) -> int:
+    kind = RESOURCES[args.resource]
+    async with _registry(args) as registry:
+        if kind == "Model":
+            if args.force:
+                raise ValueError("--force only applies to runtimes")
+            await registry.delete_model(args.name, args.revision)
+        else:
+            await registry.delete_runtime(args.name, args.revision, force=args.force)
+    print(f"{kind.lower()}/{args.name} deleted")
+    return 0
+
+
+# ---------------------------------------------------------------- serve
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from modelgw.registry.service import start_server
+    from modelgw.registry.store import RegistryStore
+
+    async with RegistryStore(args.etcd, prefix=args.prefix) as store:
+        server, port = await start_server(store, f"{args.host}:{args.port}")
+        log.info("RegistryService on %s:%d (etcd %s, prefix %s)", args.host, port, args.etcd, store.keys.prefix)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop(grace=2)
+    return 0

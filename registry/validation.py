@@ -1,0 +1,318 @@
+"""Validation of registry records, with one message per problem that names the record and
+the field: "models/resnet: versions[1].uri: scheme 's3' is not supported ...".
+
+`check_*` raise ValidationError listing every problem found; `*_problems` return the list.
+Checks that need other records (a model's runtimes) take them as arguments: the store reads
+them inside the same etcd transaction that guards the write.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from urllib.parse import urlsplit
+
+from modelgw.protos import registry_pb2 as rpb
+from modelgw.registry.errors import ValidationError
+
+RUNTIME_KINDS = ("llm", "onnx", "python", "pytorch")
+MAX_REPLICAS = 100
+MAX_GPUS = 64
+MAX_TIMEOUT_SECONDS = 3600.0
+MAX_BATCH_SIZE = 65536
+MAX_QUEUE_DELAY_MS = 60_000.0
+MAX_DESCRIPTION = 1024
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_FORMAT = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_INSTANCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_TOKEN = re.compile(r"^\S{1,256}$")
+_QUANTITY = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][-+]?\d+)?$")
+_SUFFIX_SCALE = {
+    None: 1.0, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
+    "E": 1e18, "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40, "Pi": 2.0**50, "Ei": 2.0**60,
+}  # fmt: skip
+
+DNS_LABEL_RULE = "lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters"
+
+
+def is_dns_label(name: str) -> bool:
+    return bool(_DNS_LABEL.match(name))
+
+
+def parse_quantity(text: str) -> float | None:
+    """The value of a Kubernetes quantity ("500m" -> 0.5, "1Gi" -> 2**30); None if invalid."""
+    match = _QUANTITY.match(text)
+    if not match:
+        return None
+    number, suffix = float(match.group(1)), match.group(2)
+    if suffix and suffix[0] in "eE":
+        return number * 10.0 ** int(suffix[1:])
+    return number * _SUFFIX_SCALE[suffix]
+
+
+class _Problems:
+    """Collects problems for one record, prefixing each with "<record>: <field>: "."""
+
+    def __init__(self, record: str) -> None:
+        self.record = record
+        self.items: list[str] = []
+
+    def add(self, field: str, message: str) -> None:
+        self.items.append(f"{self.record}: {field}: {message}")
+
+    def name(self, field: str, value: str) -> None:
+        if not value:
+            self.add(field, "required")
+        elif not is_dns_label(value):
+            self.add(field, f"{value!r} is not a DNS label ({DNS_LABEL_RULE})")
+
+    def labels(self, field: str, labels: Mapping[str, str]) -> None:
+        for key, value in labels.items():
+            prefix, slash, name = key.rpartition("/")
+            if not _LABEL_NAME.match(name) or (slash and not _LABEL_PREFIX.match(prefix)):
+                self.add(f"{field}[{key!r}]", "not a valid label key (e.g. 'team' or 'example.com/team')")
+            if not _LABEL_VALUE.match(value):
+                self.add(
+                    f"{field}[{key!r}]",
+                    f"value {value!r} is not a valid label value "
+                    "(at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit)",
+                )
+
+    def tokens(self, field: str, values: Iterable[str]) -> None:
+        for i, value in enumerate(values):
+            if not _TOKEN.match(value):
+                self.add(f"{field}[{i}]", f"{value!r} must be a non-empty word without spaces")
+
+
+def _record(kind: str, name: str) -> str:
+    return f"{kind}/{name or '<unnamed>'}"
+
+
+# ---------------------------------------------------------------- runtimes
+
+
+def runtime_problems(spec: rpb.RuntimeSpec) -> list[str]:
+    p = _Problems(_record("runtimes", spec.name))
+    p.name("name", spec.name)
+    if not spec.kind:
+        p.add("kind", f"required (one of {', '.join(RUNTIME_KINDS)})")
+    elif spec.kind not in RUNTIME_KINDS:
+        p.add("kind", f"{spec.kind!r} is not a known runtime kind (known: {', '.join(RUNTIME_KINDS)})")
+    if spec.image and any(c.isspace() for c in spec.image):
+        p.add("image", f"{spec.image!r} must not contain spaces")
+    for i, arg in enumerate(spec.command):
+        if not arg:
+            p.add(f"command[{i}]", "must not be empty")
+    if not spec.model_formats:
+        p.add("model_formats", "at least one model format is required (e.g. torchscript, onnx)")
+    seen_formats: dict[str, int] = {}
+    for i, fmt in enumerate(spec.model_formats):
+        if not _FORMAT.match(fmt):
+            p.add(f"model_formats[{i}]", f"{fmt!r} is not a format name (lowercase letters, digits, '.', '_', '-')")
+        elif fmt in seen_formats:
+            p.add(f"model_formats[{i}]", f"{fmt!r} duplicates model_formats[{seen_formats[fmt]}]")
+        else:
+            seen_formats[fmt] = i
+    if spec.replicas > MAX_REPLICAS:
+        p.add("replicas", f"{spec.replicas} is more than the maximum of {MAX_REPLICAS}")
+    if spec.HasField("resources"):
+        _resources(p, spec.resources)
+    for key in spec.env:
+        if not _ENV_NAME.match(key):
+            p.add(f"env[{key!r}]", "not a valid environment variable name (letters, digits, '_', not starting with a digit)")
+    p.labels("labels", spec.labels)
+    for key in spec.options:
+        if not key or "=" in key or any(c.isspace() for c in key):
+            p.add(f"options[{key!r}]", "option names must be non-empty, without '=' or spaces")
+    return p.items
+
+
+def _resources(p: _Problems, resources: rpb.Resources) -> None:
+    for field, example in (("cpu", "500m or 2"), ("memory", "512Mi or 2Gi")):
+        text = getattr(resources, field)
+        if not text:
+            continue
+        value = parse_quantity(text)
+        if value is None:
+            p.add(f"resources.{field}", f"{text!r} is not a Kubernetes quantity (e.g. {example})")
+        elif value <= 0:
+            p.add(f"resources.{field}", f"{text!r} must be more than zero")
+        elif field == "cpu" and value < 1e-3:
+            p.add("resources.cpu", f"{text!r} is less than the smallest unit, 1m")
+        elif field == "memory" and value != math.floor(value):
+            p.add("resources.memory", f"{text!r} is not a whole number of bytes")
+    if resources.gpu > MAX_GPUS:
+        p.add("resources.gpu", f"{resources.gpu} is more than the maximum of {MAX_GPUS}")
+
+
+def check_runtime(spec: rpb.RuntimeSpec) -> None:
+    problems = runtime_problems(spec)
+    if problems:
+        raise ValidationError(problems)
+
+
+# ---------------------------------------------------------------- models
+
+
+def model_problems(spec: rpb.ModelSpec, runtimes: Mapping[str, rpb.RuntimeSpec] | None = None) -> list[str]:
+    """Problems of a model on its own and, when `runtimes` is given, against the runtimes
+    it names (format supported). A runtime missing from `runtimes` is not reported here:
+    that is referential integrity (store.IntegrityError), not a property of the record."""
+    p = _Problems(_record("models", spec.name))
+    p.name("name", spec.name)
+    if not spec.versions:
+        p.add("versions", "at least one version is required")
+    seen: dict[str, int] = {}
+    for i, version in enumerate(spec.versions):
+        field = f"versions[{i}]"
+        if not version.version:
+            p.add(f"{field}.version", "required")
+        elif not _VERSION.match(version.version):
+            p.add(
+                f"{field}.version",
+                f"{version.version!r} is not a version name (letters, digits, '.', '_', '-', at most 63)",
+            )
+        elif version.version in seen:
+            p.add(f"{field}.version", f"{version.version!r} duplicates versions[{seen[version.version]}]")
+        else:
+            seen[version.version] = i
+        if version.format == "python" and _IMPORT_REF.match(version.uri):
+            pass  # the python kind's URI may name a class: pkg.module:Class
+        else:
+            _uri(p, f"{field}.uri", version.uri)
+        if not version.format:
+            p.add(f"{field}.format", "required (a format of its runtime, e.g. torchscript)")
+        p.name(f"{field}.runtime", version.runtime)
+        runtime = runtimes.get(version.runtime) if runtimes is not None else None
+        if runtime is not None and version.format and version.format not in runtime.model_formats:
+            supported = ", ".join(runtime.model_formats) or "none"
+            p.add(
+                f"{field}.format",
+                f"runtime {version.runtime!r} does not load format {version.format!r} (it loads: {supported})",
+            )
+    _traffic(p, spec, seen)
+    if spec.HasField("access"):
+        _access(p, spec.access)
+    if spec.HasField("limits"):
+        _limits(p, spec.limits)
+    p.labels("labels", spec.labels)
+    if len(spec.description) > MAX_DESCRIPTION:
+        p.add("description", f"longer than {MAX_DESCRIPTION} characters")
+    return p.items
+
+
+# 'pkg.module:Class': what a model of format "python" may give as its URI
+_IMPORT_REF = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+
+
+def _uri(p: _Problems, field: str, uri: str) -> None:
+    if not uri:
+        p.add(field, "required (an absolute local path or a file:// URI)")
+        return
+    if uri.startswith("/"):
+        return
+    parts = urlsplit(uri)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            p.add(field, f"{uri!r}: file:// URIs must not name a host (use file:///path)")
+        elif not parts.path.startswith("/"):
+            p.add(field, f"{uri!r}: file:// URIs need an absolute path (file:///path)")
+        return
+    if parts.scheme and len(parts.scheme) > 1:  # a Windows drive letter is not a scheme
+        p.add(field, f"scheme {parts.scheme!r} is not supported (use an absolute local path or file:///path)")
+    else:
+        p.add(field, f"{uri!r} is a relative path; use an absolute local path or file:///path")
+
+
+def _traffic(p: _Problems, spec: rpb.ModelSpec, versions: Mapping[str, int]) -> None:
+    if not spec.traffic:
+        return
+    total = 0
+    for version, weight in sorted(spec.traffic.items()):
+        if version not in versions:
+            known = ", ".join(v.version for v in spec.versions) or "none"
+            p.add(f"traffic[{version!r}]", f"no such version (versions: {known})")
+        if weight > 100:
+            p.add(f"traffic[{version!r}]", f"weight {weight} is more than 100")
+        total += weight
+    if total != 100:
+        p.add("traffic", f"weights sum to {total}, they must sum to 100")
+
+
+def _access(p: _Problems, access: rpb.AccessPolicy) -> None:
+    p.tokens("access.scopes", access.scopes)
+    p.tokens("access.groups", access.groups)
+    p.tokens("access.roles", access.roles)
+    if access.public and (access.scopes or access.groups or access.roles):
+        p.add("access.public", "a public model cannot also require scopes, groups or roles")
+
+
+def _limits(p: _Problems, limits: rpb.ModelLimits) -> None:
+    for field, value, maximum in (
+        ("timeout_seconds", limits.timeout_seconds, MAX_TIMEOUT_SECONDS),
+        ("max_queue_delay_ms", limits.max_queue_delay_ms, MAX_QUEUE_DELAY_MS),
+    ):
+        if not math.isfinite(value) or value < 0:
+            p.add(f"limits.{field}", f"{value} must be a number of zero or more")
+        elif value > maximum:
+            p.add(f"limits.{field}", f"{value:g} is more than the maximum of {maximum:g}")
+    if limits.max_batch_size > MAX_BATCH_SIZE:
+        p.add("limits.max_batch_size", f"{limits.max_batch_size} is more than the maximum of {MAX_BATCH_SIZE}")
+
+
+def check_model(spec: rpb.ModelSpec, runtimes: Mapping[str, rpb.RuntimeSpec] | None = None) -> None:
+    problems = model_problems(spec, runtimes)
+    if problems:
+        raise ValidationError(problems)
+
+
+def model_runtimes(spec: rpb.ModelSpec) -> list[str]:
+    """The runtimes a model's versions name, in first-use order, without repeats."""
+    return list(dict.fromkeys(v.runtime for v in spec.versions if v.runtime))
+
+
+def uses_runtime(spec: rpb.ModelSpec, runtime: str) -> bool:
+    return any(v.runtime == runtime for v in spec.versions)
+
+
+# ---------------------------------------------------------------- endpoints and status
+
+
+def endpoint_problems(endpoint: rpb.Endpoint) -> list[str]:
+    p = _Problems(f"endpoints/{endpoint.runtime or '<unnamed>'}/{endpoint.instance or '<unnamed>'}")
+    p.name("runtime", endpoint.runtime)
+    if not endpoint.instance:
+        p.add("instance", "required")
+    elif not _INSTANCE.match(endpoint.instance):
+        p.add("instance", f"{endpoint.instance!r} is not an instance name (letters, digits, '.', '_', '-')")
+    host, sep, port = endpoint.address.rpartition(":")
+    if not endpoint.address:
+        p.add("address", "required (host:port of the replica's inference service)")
+    elif not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        p.add("address", f"{endpoint.address!r} is not host:port")
+    for i, model in enumerate(endpoint.models):
+        if not model.name:
+            p.add(f"models[{i}].name", "required")
+    if not (0.0 <= endpoint.load.kv_cache_usage <= 1.0):
+        p.add("load.kv_cache_usage", f"{endpoint.load.kv_cache_usage} must be between 0 and 1")
+    return p.items
+
+
+def check_endpoint(endpoint: rpb.Endpoint) -> None:
+    problems = endpoint_problems(endpoint)
+    if problems:
+        raise ValidationError(problems)
+
+
+def check_runtime_status(status: rpb.RuntimeStatus) -> None:
+    p = _Problems(f"status/runtimes/{status.name or '<unnamed>'}")
+    p.name("name", status.name)
+    if p.items:
+        raise ValidationError(p.items)

@@ -1,0 +1,270 @@
+"""How requests reach a model's predict: one call per request, or dynamic batching.
+
+`DirectRunner` (max_batch_size 0) runs each request as its own predict call in the thread
+pool. `DynamicBatcher` merges concurrent requests into one predict call: requests queue
+up, a worker takes as many compatible ones as fit in max_batch_size (waiting at most
+max_queue_delay for more), concatenates them along dim 0, runs predict once in the
+thread pool and hands each caller a view of exactly its own rows, in order. Requests
+whose non-batch dims, datatypes or parameters differ are never merged. While a batch
+runs, new requests queue, so batches form under load even with no delay configured.
+
+Both expose `queue_depth` and `in_flight` (requests), published later as load figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from modelgw.runtimes.errors import InferenceError, ModelNotReady
+from modelgw.runtimes.model import Tensors
+
+log = logging.getLogger(__name__)
+
+Predict = Callable[[Tensors, Mapping[str, Any]], Tensors]
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """max_batch_size rows per predict call; max_queue_delay seconds the oldest queued
+    request may wait for company; max_concurrent_batches predict calls at once."""
+
+    max_batch_size: int
+    max_queue_delay: float = 0.0
+    max_concurrent_batches: int = 1
+
+
+class Runner(Protocol):
+    queue_depth: int
+    in_flight: int
+    predict_calls: int
+
+    async def submit(self, inputs: Tensors, parameters: Mapping[str, Any], rows: int) -> Tensors: ...
+
+    async def close(self) -> None: ...
+
+
+def call_predict(model_name: str, predict: Predict, inputs: Tensors, parameters: Mapping[str, Any]) -> Tensors:
+    """Run predict and turn whatever it raises into an InferenceError that names the model."""
+    try:
+        outputs = predict(inputs, parameters)
+    except InferenceError:
+        raise
+    except Exception as exc:  # model code: anything may come out; the server must stay up
+        log.exception("model '%s': predict failed", model_name)
+        raise InferenceError(f"model '{model_name}' failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(outputs, Mapping):
+        raise InferenceError(
+            f"model '{model_name}' returned {type(outputs).__name__} from predict, "
+            "expected a dict of output name -> array"
+        )
+    return outputs
+
+
+class DirectRunner:
+    """No batching: each request is one predict call in the thread pool."""
+
+    def __init__(self, model_name: str, predict: Predict, executor: Executor) -> None:
+        self._model = model_name
+        self._predict = predict
+        self._executor = executor
+        self._loop = asyncio.get_running_loop()
+        self.queue_depth = 0  # requests wait inside the executor; not observable here
+        self.in_flight = 0
+        self.predict_calls = 0
+
+    async def submit(self, inputs: Tensors, parameters: Mapping[str, Any], rows: int = 1) -> Tensors:
+        self.in_flight += 1
+        self.predict_calls += 1
+        try:
+            return await self._loop.run_in_executor(
+                self._executor, call_predict, self._model, self._predict, inputs, parameters
+            )
+        finally:
+            self.in_flight -= 1
+
+    async def close(self) -> None:
+        pass
+
+
+class _Pending:
+    __slots__ = ("inputs", "parameters", "rows", "key", "future", "arrival")
+
+    def __init__(self, inputs: Tensors, parameters: Mapping[str, Any], rows: int, key: Any,
+                 future: asyncio.Future, arrival: float) -> None:
+        self.inputs = inputs
+        self.parameters = parameters
+        self.rows = rows
+        self.key = key
+        self.future = future
+        self.arrival = arrival
+
+
+def _batch_key(inputs: Tensors, parameters: Mapping[str, Any]) -> Any:
+    """Requests with equal keys can share a predict call: same names, dtypes, non-batch
+    dims and parameters."""
+    shapes = tuple(sorted((name, a.dtype.str, a.shape[1:]) for name, a in inputs.items()))
+    if not parameters:
+        return shapes
+    return shapes, tuple(sorted(parameters.items()))
+
+
+class DynamicBatcher:
+    """Merges concurrent requests of one model into batched predict calls."""
+
+    def __init__(self, model_name: str, predict: Predict, executor: Executor,
+                 config: BatchingConfig) -> None:
+        if config.max_batch_size < 1:
+            raise ValueError("DynamicBatcher needs max_batch_size >= 1")
+        self._model = model_name
+        self._predict = predict
+        self._executor = executor
+        self._config = config
+        self._loop = asyncio.get_running_loop()
+        self._queue: deque[_Pending] = deque()
+        self._queued_rows = 0
+        self._arrived = asyncio.Event()
+        self._closed = False
+        self.in_flight = 0
+        self.predict_calls = 0
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"batcher:{model_name}")
+            for _ in range(max(1, config.max_concurrent_batches))
+        ]
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, inputs: Tensors, parameters: Mapping[str, Any], rows: int) -> Tensors:
+        """Queue one request of `rows` rows (dim 0) and wait for its own outputs."""
+        if self._closed:
+            raise ModelNotReady(f"model '{self._model}' is unloading")
+        future = self._loop.create_future()
+        self._queue.append(
+            _Pending(inputs, parameters, rows, _batch_key(inputs, parameters), future, self._loop.time())
+        )
+        self._queued_rows += rows
+        self._arrived.set()
+        return await future
+
+    async def close(self) -> None:
+        """Stop the workers; requests still queued fail with UNAVAILABLE."""
+        self._closed = True
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(ModelNotReady(f"model '{self._model}' is unloading"))
+        self._queued_rows = 0
+
+    # -- workers
+
+    async def _work(self) -> None:
+        while True:
+            try:
+                await self._wait_for_batch()
+                batch = self._take_batch()
+                if batch:
+                    await self._run(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not silently stop the model
+                log.exception("model '%s': batcher error", self._model)
+
+    async def _wait_for_batch(self) -> None:
+        while not self._queue:
+            self._arrived.clear()
+            await self._arrived.wait()
+        delay = self._config.max_queue_delay
+        if delay <= 0:
+            return
+        deadline = self._queue[0].arrival + delay
+        while self._queued_rows < self._config.max_batch_size:
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._arrived.wait()
+            except TimeoutError:
+                return
+
+    def _take_batch(self) -> list[_Pending]:
+        """The oldest live request plus every later compatible one that fits, in order;
+        the rest stay queued in their order."""
+        queue = self._queue
+        limit = self._config.max_batch_size
+        batch: list[_Pending] = []
+        skipped: list[_Pending] = []
+        rows = 0
+        key = None
+        while queue and rows < limit:
+            pending = queue.popleft()
+            if pending.future.done():  # the caller went away (cancelled)
+                self._queued_rows -= pending.rows
+                continue
+            if not batch:
+                key = pending.key
+            elif pending.key != key or rows + pending.rows > limit:
+                skipped.append(pending)
+                continue
+            batch.append(pending)
+            rows += pending.rows
+            self._queued_rows -= pending.rows
+        queue.extendleft(reversed(skipped))
+        return batch
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        self.in_flight += len(batch)
+        self.predict_calls += 1
+        try:
+            results = await self._loop.run_in_executor(self._executor, self._run_batch, batch)
+        except asyncio.CancelledError:
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(ModelNotReady(f"model '{self._model}' is unloading"))
+            raise
+        except Exception as exc:
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+        else:
+            for pending, outputs in zip(batch, results):
+                if not pending.future.done():
+                    pending.future.set_result(outputs)
+        finally:
+            self.in_flight -= len(batch)
+
+    def _run_batch(self, batch: list[_Pending]) -> list[Tensors]:
+        """In the thread pool: merge, predict once, split each output back by rows."""
+        if len(batch) == 1:
+            only = batch[0]
+            return [call_predict(self._model, self._predict, only.inputs, only.parameters)]
+        names = batch[0].inputs.keys()
+        merged = {name: np.concatenate([p.inputs[name] for p in batch]) for name in names}
+        outputs = call_predict(self._model, self._predict, merged, batch[0].parameters)
+        total = sum(p.rows for p in batch)
+        arrays: dict[str, np.ndarray] = {}
+        for name, value in outputs.items():
+            array = value if isinstance(value, np.ndarray) else np.asarray(value)
+            if array.ndim == 0 or array.shape[0] != total:
+                raise InferenceError(
+                    f"model '{self._model}' returned output '{name}' with shape "
+                    f"{list(array.shape)} for a batch of {total} rows; dim 0 must be the batch"
+                )
+            arrays[name] = array
+        results: list[Tensors] = []
+        start = 0
+        for pending in batch:
+            stop = start + pending.rows
+            results.append({name: array[start:stop] for name, array in arrays.items()})
+            start = stop
+        return results

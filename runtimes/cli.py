@@ -1,0 +1,184 @@
+"""`modelgw runtime serve`: one runtime process serving models of one kind.
+
+    modelgw runtime serve --kind onnx --model resnet=/models/resnet.onnx --port 8001
+    modelgw runtime serve --kind python --model scale:2=modelgw.runtimes.examples.scale:Scale \
+        --port 8001 --option factor=3
+
+--model NAME[:VERSION]=URI (version defaults to 1) may repeat. The process listens at once
+(live, not ready), loads the models, logs one "ready" line with the port and serves until
+SIGTERM/SIGINT, then drains in-flight requests and exits 0. A model that cannot load is
+one error line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+
+from modelgw.runtimes.errors import ModelLoadError
+
+log = logging.getLogger("modelgw.runtime")
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # same as server.DEFAULT_MAX_MESSAGE_BYTES (imported lazily)
+
+
+@dataclass(frozen=True)
+class ModelArg:
+    name: str
+    version: str
+    uri: str
+
+
+def parse_model(text: str) -> ModelArg:
+    """NAME[:VERSION]=URI"""
+    target, sep, uri = text.partition("=")
+    name, _, version = target.partition(":")
+    if not sep or not name or not uri:
+        raise argparse.ArgumentTypeError(f"'{text}' is not NAME[:VERSION]=URI")
+    return ModelArg(name, version or "1", uri)
+
+
+def parse_option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"'{text}' is not KEY=VALUE")
+    return key, value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    runtime = subparsers.add_parser("runtime", help="run a model runtime (pytorch, onnx, python)")
+    commands = runtime.add_subparsers(dest="runtime_command", metavar="COMMAND", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="serve models over gRPC (KServe OIP v2 + Triton streaming)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--kind", required=True, help="runtime kind: pytorch, onnx, python, ...")
+    serve.add_argument("--model", dest="models", type=parse_model, action="append", default=[],
+                       metavar="NAME[:VERSION]=URI",
+                       help="a model to serve (repeatable; needed unless --registry assigns models)")
+    serve.add_argument("--port", type=int, required=True, help="gRPC port (0: any free port)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--max-batch-size", type=int, default=None,
+                       help="dynamic batching: rows per predict call (0: off; default: what the model declares)")
+    serve.add_argument("--max-queue-delay-ms", type=float, default=0.0,
+                       help="dynamic batching: how long a request may wait for others (default 0)")
+    serve.add_argument("--max-concurrent-batches", type=int, default=1,
+                       help="dynamic batching: predict calls per model at once (default 1)")
+    serve.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                       help="largest gRPC message in either direction (default 64 MiB)")
+    serve.add_argument("--workers", type=int, default=None,
+                       help="threads running predict calls (default: cores + 2, at most 8)")
+    serve.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="seconds in-flight requests get to finish on shutdown (default 30)")
+    serve.add_argument("--option", dest="options", type=parse_option, action="append", default=[],
+                       metavar="KEY=VALUE", help="a kind/model option, given to every model (repeatable)")
+    registry = serve.add_argument_group(
+        "registry", "register this replica in etcd and load the models the registry assigns to --runtime"
+    )
+    registry.add_argument("--registry", metavar="HOST:PORT", default=None, help="etcd endpoint of the registry")
+    registry.add_argument("--prefix", default="/modelgw/v1/", help="registry key prefix (default %(default)s)")
+    registry.add_argument("--runtime", default=None, help="the registry runtime this replica belongs to")
+    registry.add_argument("--instance", default=None, help="this replica's name (default RUNTIME-<random>)")
+    registry.add_argument("--advertise", default=None, metavar="HOST:PORT",
+                          help="address the gateway should dial (default: --host and the bound port)")
+    registry.add_argument("--lease-ttl", type=int, default=10, help="endpoint lease TTL in seconds (default 10)")
+    serve.set_defaults(func=serve_command)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(serve(args))
+    except ModelLoadError as exc:
+        print(f"modelgw runtime: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as exc:
+        print(f"modelgw runtime: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from modelgw.runtimes.kinds import resolve_kind
+    from modelgw.runtimes.repository import ModelRepository
+    from modelgw.runtimes.server import RuntimeServer
+
+    resolve_kind(args.kind)  # an unknown kind fails before anything listens
+    if not args.models and not args.registry:
+        raise ModelLoadError("nothing to serve: give --model NAME=URI, or --registry and --runtime")
+    if args.registry and not args.runtime:
+        raise ModelLoadError("--registry needs --runtime: the registry runtime this replica belongs to")
+    repository = ModelRepository(
+        args.kind,
+        workers=args.workers,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay=args.max_queue_delay_ms / 1000.0,
+        max_concurrent_batches=args.max_concurrent_batches,
+        options=dict(args.options),
+        drain_timeout=args.drain_timeout,
+    )
+    server = RuntimeServer(repository, host=args.host, port=args.port,
+                           max_message_bytes=args.max_message_bytes)
+    await server.start()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    loading = asyncio.create_task(_load_all(repository, args.models))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not loading.done():  # a signal while loading: give up cleanly
+        loading.cancel()
+        await asyncio.gather(loading, return_exceptions=True)
+        await server.stop(grace=0)
+        return 0
+    if loading.exception() is not None:
+        stopping.cancel()
+        await server.stop(grace=0)
+        raise loading.exception()
+
+    await server.set_ready(True)
+    registration = await _register(args, server) if args.registry else None
+    names = ", ".join(f"{m.name}:{m.version}" for m in args.models) or "assigned by the registry"
+    log.info("runtime ready on %s:%d (kind %s; models %s)", args.host, server.port, args.kind, names)
+    await stopping
+    log.info("shutting down: draining in-flight requests (up to %.0fs)", args.drain_timeout)
+    if registration is not None:
+        # leave the registry first, so the gateway stops sending before we stop serving
+        await server.set_ready(False)
+        await registration.stop()
+        await registration.store.close()
+    await server.stop(grace=args.drain_timeout)
+    log.info("stopped")
+    return 0
+
+
+async def _register(args: argparse.Namespace, server):
+    import secrets
+
+    from modelgw.registry.store import RegistryStore
+    from modelgw.runtimes.registration import EndpointRegistration
+
+    store = RegistryStore(args.registry, prefix=args.prefix)
+    registration = EndpointRegistration(
+        store,
+        server,
+        runtime=args.runtime,
+        instance=args.instance or f"{args.runtime}-{secrets.token_hex(3)}",
+        address=args.advertise,
+        lease_ttl=args.lease_ttl,
+    )
+    await registration.start()
+    log.info("registered as %s/%s in etcd %s", args.runtime, registration.instance, args.registry)
+    return registration
+
+
+async def _load_all(repository, models: list[ModelArg]) -> None:
+    for model in models:
+        await repository.load(model.name, model.version, model.uri)

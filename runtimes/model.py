@@ -1,0 +1,139 @@
+"""The Model API: what a runtime kind (or a platform team's python class) implements.
+
+A model declares its tensors and answers a batch:
+
+    class Scale(Model):
+        inputs = [TensorSpec("x", "FP32", [-1, 4])]
+        outputs = [TensorSpec("y", "FP32", [-1, 4])]
+        max_batch_size = 32          # >0: dim 0 is the batch dim; requests get merged
+
+        def load(self) -> None:      # blocking, runs in a thread
+            self.factor = float(self.options.get("factor", 2))
+
+        def predict(self, inputs, parameters):   # blocking, runs in a thread pool
+            return {"y": inputs["x"] * self.factor}
+
+Shapes are the shapes clients see, -1 marks a variable dimension. With max_batch_size > 0
+dim 0 of every input and output must be -1: the server concatenates concurrent requests
+along it and splits the outputs back. Input arrays may be read-only views of the request
+bytes: copy before writing to them. predict may run in several threads at once (always
+without batching; with batching when max concurrent batches > 1): guard shared state.
+
+A streaming (decoupled) model implements `generate` instead of (or as well as) predict:
+an async or plain generator yielding one output dict per response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from modelgw.runtimes.codec import DATATYPES
+
+Tensors = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A named, typed, shaped tensor of a model's signature (-1: any size)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def __init__(self, name: str, datatype: str, shape: Sequence[int]) -> None:
+        datatype = datatype.upper()
+        if datatype not in DATATYPES:
+            raise ValueError(
+                f"tensor '{name}': unknown datatype '{datatype}'; "
+                f"expected one of {', '.join(sorted(DATATYPES))}"
+            )
+        dims = tuple(int(d) for d in shape)
+        if any(d < -1 for d in dims):
+            raise ValueError(f"tensor '{name}': shape {list(dims)} has a dimension below -1")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "datatype", datatype)
+        object.__setattr__(self, "shape", dims)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TensorSpec:
+        """From {"name": ..., "datatype": ..., "shape": [...]} (sidecar files, registry)."""
+        try:
+            return cls(str(data["name"]), str(data["datatype"]), list(data["shape"]))
+        except KeyError as missing:
+            raise ValueError(f"tensor spec {dict(data)} lacks {missing}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    """What ModelMetadata answers, plus the batching contract."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    platform: str = "python"
+    max_batch_size: int = 0
+
+
+class Model:
+    """Base class of every model. Subclasses set the class attributes or fill them in load()."""
+
+    platform: str = "python"
+    inputs: Sequence[TensorSpec] = ()
+    outputs: Sequence[TensorSpec] = ()
+    max_batch_size: int = 0
+
+    def __init__(
+        self,
+        name: str,
+        version: str = "1",
+        uri: str = "",
+        options: Mapping[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.uri = uri
+        self.options: dict[str, str] = dict(options or {})
+
+    def load(self) -> None:
+        """Read weights and set inputs/outputs. Blocking; the server runs it in a thread."""
+
+    @property
+    def metadata(self) -> ModelMetadata:
+        return ModelMetadata(
+            inputs=tuple(self.inputs),
+            outputs=tuple(self.outputs),
+            platform=self.platform,
+            max_batch_size=int(self.max_batch_size),
+        )
+
+    def predict(self, inputs: Tensors, parameters: Mapping[str, Any]) -> Tensors:
+        """Answer one batch. Blocking; runs in a thread pool (frameworks release the GIL)."""
+        raise NotImplementedError(f"model '{self.name}' streams: call ModelStreamInfer")
+
+    def generate(
+        self, inputs: Tensors, parameters: Mapping[str, Any]
+    ) -> AsyncIterator[Tensors] | Iterator[Tensors]:
+        """Answer one request with several responses (an async or a plain generator).
+
+        A plain generator is advanced in the thread pool, so it may block."""
+        raise NotImplementedError
+
+    def unload(self) -> None:
+        """Free resources. Blocking; runs in a thread after in-flight requests drained."""
+
+    # -- what the server asks about the implementation
+    @property
+    def streaming(self) -> bool:
+        """True when the class implements generate (a decoupled model)."""
+        return type(self).generate is not Model.generate
+
+    @property
+    def has_predict(self) -> bool:
+        """True when the class implements predict."""
+        return type(self).predict is not Model.predict

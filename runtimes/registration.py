@@ -1,0 +1,217 @@
+"""A runtime replica in the registry: its endpoint record, and the models etcd assigns it.
+
+    registration = EndpointRegistration(store, server, runtime="torch", instance="torch-0-ab12")
+    await registration.start()     # lease + endpoint record; starts following assignments
+    ...
+    await registration.stop()      # revoke the lease: the record goes at once
+
+- The endpoint record (address, loaded models with their state, load figures) lives under
+  a lease kept alive in the background; if the replica dies, etcd drops it after the TTL.
+- Every model with a version on this runtime is loaded; versions that go away are
+  unloaded; a changed URI or batching limit reloads the version.
+- The record is rewritten when a model's state changes and, throttled, when the load
+  figures change. After an etcd outage long enough for the lease to expire, a new
+  lease is granted and the record written again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from modelgw.protos import registry_pb2 as rpb
+from modelgw.registry.errors import LeaseNotFoundError, RegistryError
+from modelgw.registry.leases import Lease
+from modelgw.registry.store import RegistryStore
+from modelgw.runtimes.errors import InferenceError, ModelLoadError
+from modelgw.runtimes.repository import ModelRepository, ModelState
+from modelgw.runtimes.server import RuntimeServer
+
+log = logging.getLogger(__name__)
+
+_STATES = {
+    ModelState.LOADING: rpb.LoadedModel.LOADING,
+    ModelState.READY: rpb.LoadedModel.READY,
+    ModelState.FAILED: rpb.LoadedModel.FAILED,
+    ModelState.UNLOADING: rpb.LoadedModel.UNLOADING,
+}
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What is loaded for one (model, version): reloading is needed when this changes."""
+
+    uri: str
+    max_batch_size: int | None
+    max_queue_delay: float | None
+
+
+def assignments(specs: dict[str, rpb.ModelSpec]) -> dict[tuple[str, str], Assignment]:
+    wanted = {}
+    for spec in specs.values():
+        limits = spec.limits
+        for version in spec.versions:
+            wanted[(spec.name, version.version)] = Assignment(
+                uri=version.uri,
+                max_batch_size=limits.max_batch_size or None,
+                max_queue_delay=(limits.max_queue_delay_ms / 1000.0) if limits.max_queue_delay_ms else None,
+            )
+    return wanted
+
+
+class EndpointRegistration:
+    def __init__(
+        self,
+        store: RegistryStore,
+        server: RuntimeServer,
+        *,
+        runtime: str,
+        instance: str,
+        address: str | None = None,
+        lease_ttl: int = 10,
+        load_interval: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.server = server
+        self.repository: ModelRepository = server.repository
+        self.runtime = runtime
+        self.instance = instance
+        self.address = address or server.address
+        self.lease_ttl = lease_ttl
+        self.load_interval = load_interval
+        self.lease: Lease | None = None
+        self.loaded: dict[tuple[str, str], Assignment] = {}
+        self.started_at = Timestamp()
+        self._dirty = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._last_load: tuple = ()
+
+    # -- the record ----------------------------------------------------------------------
+
+    def endpoint(self) -> rpb.Endpoint:
+        ep = rpb.Endpoint(
+            runtime=self.runtime, instance=self.instance, address=self.address, ready=self.server.ready
+        )
+        ep.started_at.CopyFrom(self.started_at)
+        for status in sorted(self.repository.statuses(), key=lambda s: (s.name, s.version)):
+            if status.state in _STATES:
+                ep.models.add(name=status.name, version=status.version, state=_STATES[status.state], message=status.message)
+        figures = self.repository.load_figures()
+        ep.load.queue_depth = sum(f.queue_depth for f in figures)
+        ep.load.in_flight = sum(f.in_flight for f in figures)
+        extra = getattr(self.server, "extra_load_figures", None)
+        if extra is not None:  # e.g. the LLM runtime's KV-cache use
+            extra(ep.load)
+        return ep
+
+    def _load_key(self) -> tuple:
+        ep = self.endpoint()
+        return (ep.load.queue_depth, ep.load.in_flight, ep.load.kv_cache_usage, ep.load.running)
+
+    async def _write(self) -> None:
+        """Write the record; a lost lease means etcd dropped it: grant anew and rewrite."""
+        if self.lease is None or not self.lease.alive:
+            self.lease = await self.store.grant_lease(self.lease_ttl)
+            log.info("endpoint %s/%s: registered under lease %x", self.runtime, self.instance, self.lease.id)
+        try:
+            await self.store.put_endpoint(self.endpoint(), self.lease)
+        except LeaseNotFoundError:
+            self.lease = None
+            await self._write()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.started_at.GetCurrentTime()
+        try:
+            await self._write()
+        except RegistryError as exc:
+            # etcd is not there yet: serve anyway, the publisher keeps trying
+            log.warning("endpoint %s/%s: cannot register yet (will retry): %s", self.runtime, self.instance, exc)
+            self._dirty.set()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._follow_assignments(), name="assignments"),
+            loop.create_task(self._follow_repository(), name="model-states"),
+            loop.create_task(self._publish(), name="endpoint-publisher"),
+        ]
+
+    def mark_dirty(self) -> None:
+        """Ask for the record to be rewritten soon (e.g. readiness changed)."""
+        self._dirty.set()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.lease is not None:
+            with contextlib.suppress(RegistryError):
+                await self.lease.revoke()
+            log.info("endpoint %s/%s: deregistered", self.runtime, self.instance)
+
+    # -- background work -----------------------------------------------------------------
+
+    async def _publish(self) -> None:
+        """Rewrite the record when asked, when the lease was lost, and (throttled) when the
+        load figures moved."""
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), self.load_interval)
+            lease_lost = self.lease is not None and self.lease.lost.is_set()
+            load = self._load_key()
+            if not (self._dirty.is_set() or lease_lost or load != self._last_load):
+                continue
+            self._dirty.clear()
+            try:
+                await self._write()
+                self._last_load = load
+            except RegistryError as exc:
+                log.warning("endpoint %s/%s: cannot write the record (will retry): %s", self.runtime, self.instance, exc)
+                self._dirty.set()
+                await asyncio.sleep(min(self.load_interval, 1.0))
+
+    async def _follow_repository(self) -> None:
+        async for _ in self.repository.watch():
+            self._dirty.set()
+
+    async def _follow_assignments(self) -> None:
+        async for specs in self.store.watch_assigned_models(self.runtime):
+            await self._reconcile(assignments(specs))
+
+    async def _reconcile(self, wanted: dict[tuple[str, str], Assignment]) -> None:
+        for key in [k for k in self.loaded if k not in wanted]:
+            name, version = key
+            log.info("model '%s' version '%s' is no longer assigned here: unloading", name, version)
+            self.loaded.pop(key)
+            with contextlib.suppress(InferenceError):
+                await self.repository.unload(name, version)
+        loads = [
+            self._load(key, assignment)
+            for key, assignment in wanted.items()
+            if self.loaded.get(key) != assignment
+        ]
+        await asyncio.gather(*loads)
+
+    async def _load(self, key: tuple[str, str], assignment: Assignment) -> None:
+        name, version = key
+        self.loaded[key] = assignment
+        started = time.monotonic()
+        try:
+            await self.repository.load(
+                name,
+                version,
+                assignment.uri,
+                max_batch_size=assignment.max_batch_size,
+                max_queue_delay=assignment.max_queue_delay,
+            )
+            log.info("model '%s' version '%s' loaded in %.2fs", name, version, time.monotonic() - started)
+        except ModelLoadError as exc:
+            # the state FAILED with its reason is in the endpoint record for all to see
+            log.error("%s", exc)

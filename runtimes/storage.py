@@ -1,0 +1,52 @@
+"""Where model files come from: a model URI resolved to a local path.
+
+Supported today: plain local paths and file:// URIs. Other schemes (s3://, gs://, hf://)
+plug in here later; until then they get a clear error instead of a confusing one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from modelgw.runtimes.errors import ModelLoadError
+
+SUPPORTED = "a local path or a file:// URI"
+
+
+def local_path(uri: str) -> Path:
+    """The existing local file or directory a model URI names."""
+    if not uri:
+        raise ModelLoadError(f"no model URI given; expected {SUPPORTED}")
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ModelLoadError(f"'{uri}': file:// URIs must name a local file (file:///path)")
+        path = Path(unquote(parsed.path))
+    elif parsed.scheme and len(parsed.scheme) > 1:  # one letter: a Windows drive, not a scheme
+        raise ModelLoadError(f"'{uri}': unsupported URI scheme '{parsed.scheme}'; expected {SUPPORTED}")
+    else:
+        path = Path(uri).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"'{uri}': no such file or directory")
+    return path.resolve()
+
+
+def find_model_file(path: Path, suffixes: tuple[str, ...], preferred: tuple[str, ...] = ()) -> Path:
+    """`path` itself if it is a file, else the model file inside the directory: the first
+    of `preferred` names that exists, or the only file with one of `suffixes`."""
+    if path.is_file():
+        return path
+    for name in preferred:
+        if (path / name).is_file():
+            return path / name
+    found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in suffixes)
+    if len(found) == 1:
+        return found[0]
+    wanted = ", ".join(f"*{s}" for s in suffixes)
+    if not found:
+        raise ModelLoadError(f"'{path}': no model file ({wanted}) in this directory")
+    raise ModelLoadError(
+        f"'{path}': several model files ({', '.join(p.name for p in found)}); "
+        "point the URI at one of them"
+    )
