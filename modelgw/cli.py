@@ -15,6 +15,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "modelgw.registry.cli": ("apply", "get", "delete", "registry"),
     "modelgw.gateway.cli": ("gateway",),
     "modelgw.reconciler.cli": ("reconcile",),
+    "modelgw.up": ("up",),
 }
 
 

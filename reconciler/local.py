@@ -4,14 +4,13 @@ A replica runs `modelgw runtime serve --registry ...` on a free loopback port an
 registers itself in etcd; the supervisor restarts it with exponential backoff when it
 exits, under a new instance name (as a new pod would be), so the dead one's endpoint
 record expires with its lease. Replicas die with the reconciler that started them
-(PR_SET_PDEATHSIG), so a standby that takes over never finds orphans competing with it.
+(PR_SET_PDEATHSIG, see modelgw.process), so a standby that takes over never finds orphans competing with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import secrets
@@ -21,20 +20,11 @@ import time
 from pathlib import Path
 
 from modelgw.net import free_port
+from modelgw.process import PARENT_PID_ENV
 from modelgw.protos import registry_pb2 as rpb
 from modelgw.reconciler.backend import Workload
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
-
 
 class Replica:
     """One slot of a runtime: a process, restarted whenever it exits until stopped."""
@@ -185,11 +175,12 @@ class LocalBackend:
     async def spawn(self, spec: rpb.RuntimeSpec, instance: str) -> asyncio.subprocess.Process:
         port = free_port(self.host)
         argv = self.argv(spec, instance, port)
-        env = {**os.environ, **dict(spec.env)}
+        # the replica arms PR_SET_PDEATHSIG itself (modelgw.process): it dies with us
+        env = {**os.environ, **dict(spec.env), PARENT_PID_ENV: str(os.getpid())}
         with open(self.log_path(instance), "ab") as out:
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
-                env=env, preexec_fn=_die_with_parent,
+                env=env,
             )  # fmt: skip
         log.info("runtime %s: started replica %s (pid %d, port %d)", spec.name, instance, process.pid, port)
         return process

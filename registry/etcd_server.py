@@ -72,20 +72,23 @@ class LocalEtcd:
         self._wait_healthy(timeout)
         return self
 
+    def healthy(self) -> bool:
+        """Whether an etcd answers healthy on this client port now."""
+        try:
+            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1) as resp:
+                return resp.status == 200 and b"true" in resp.read()
+        except OSError:
+            return False
+
     def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        url = f"http://{self.endpoint}/health"
         while True:
             if self.process and self.process.poll() is not None:
                 raise RuntimeError(
                     f"etcd exited with code {self.process.returncode}; see {self.log_path}"
                 )
-            try:
-                with urllib.request.urlopen(url, timeout=1) as resp:
-                    if resp.status == 200 and b"true" in resp.read():
-                        return
-            except OSError:
-                pass
+            if self.healthy():
+                return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"etcd did not become healthy on {self.endpoint}")
             time.sleep(0.05)

@@ -92,6 +92,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
+    from modelgw.process import exit_with_parent
+
+    exit_with_parent()  # when a supervisor (the local reconciler) asked for it
     try:
         return asyncio.run(serve(args))
     except ModelLoadError as exc:

@@ -1,0 +1,121 @@
+"""`modelgw up`: one command serves the demo model; a second start finds its registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from modelgw.net import free_port
+
+torch = pytest.importorskip("torch")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def start_up(data_dir: Path, http_port: int, grpc_port: int, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "modelgw", "up", "--data-dir", str(data_dir),
+         "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
+        stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+    )  # fmt: skip
+
+
+def wait_for_line(log: Path, text: str, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text(errors="replace"):
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"modelgw up exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"no '{text}' after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> int:
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_up_serves_the_demo_model_and_keeps_its_registry(tmp_path: Path) -> None:
+    data_dir = tmp_path / "home"
+    http_port, grpc_port = free_port(), free_port()
+    log = tmp_path / "up.log"
+    process = start_up(data_dir, http_port, grpc_port, log)
+    try:
+        wait_for_line(log, "modelgw is up", process)
+        body = json.dumps(
+            {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 4], "data": [0.1, 0.2, 0.3, 0.4, 1, 2, 3, 4]}]}
+        ).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/v2/models/demo/infer", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            result = json.loads(response.read())
+        probabilities = np.array(result["outputs"][0]["data"], dtype=np.float32).reshape(2, 3)
+
+        # the same model, run here from the file `up` made, gives the same answer
+        model = torch.jit.load(str(data_dir / "models" / "demo" / "1" / "model.pt"))
+        expected = model(torch.tensor([[0.1, 0.2, 0.3, 0.4], [1, 2, 3, 4]])).detach().numpy()
+        np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-6)
+
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        assert client.is_model_ready("demo")
+        x = grpcclient.InferInput("input", [1, 4], "FP32")
+        x.set_data_from_numpy(np.array([[1, 2, 3, 4]], dtype=np.float32))
+        np.testing.assert_allclose(client.infer("demo", [x]).as_numpy("probabilities"), expected[1:], rtol=1e-5, atol=1e-6)
+
+        # a model a user applies must survive a restart of `up`
+        manifest = tmp_path / "extra.yaml"
+        manifest.write_text(
+            "kind: Model\nspec:\n  name: extra\n  versions:\n"
+            f"  - {{version: '1', uri: 'file://{data_dir}/models/demo/1/model.pt', format: torchscript, runtime: pytorch}}\n"
+        )
+        applied = subprocess.run(
+            [sys.executable, "-m", "modelgw", "apply", "-f", str(manifest), "--server", f"127.0.0.1:{grpc_port}"],
+            capture_output=True, text=True, cwd=REPO, timeout=60,
+        )  # fmt: skip
+        assert applied.returncode == 0, applied.stderr
+        runtime_pids = children_of(process.pid)
+        assert runtime_pids, "up should have started a runtime replica"
+    finally:
+        code = stop(process)
+    assert code == 0, log.read_text()[-3000:]
+    for pid in runtime_pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), (
+            f"process {pid} outlived modelgw up"
+        )
+
+    # second start with the same data dir: the registry (etcd data) is found again
+    log2 = tmp_path / "up2.log"
+    process = start_up(data_dir, http_port, grpc_port, log2)
+    try:
+        wait_for_line(log2, "modelgw is up", process)
+        got = subprocess.run(
+            [sys.executable, "-m", "modelgw", "get", "models", "-o", "json", "--server", f"127.0.0.1:{grpc_port}"],
+            capture_output=True, text=True, cwd=REPO, timeout=60,
+        )  # fmt: skip
+        assert got.returncode == 0, got.stderr
+        listed = json.loads(got.stdout)  # kubectl-style {"kind": "List", "items": [...]}
+        assert {"demo", "extra"} <= {item["spec"]["name"] for item in listed["items"]}
+        assert "reusing" not in log2.read_text()  # etcd was stopped by the first Ctrl-C and restarted
+    finally:
+        assert stop(process) == 0
