@@ -49,6 +49,43 @@ def parse_option(text: str) -> tuple[str, str]:
     return key, value
 
 
+def parse_host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"'{text}' is not HOST:PORT")
+    return text
+
+
+def parse_prefix(text: str) -> str:
+    if not text.startswith("/"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a key prefix (it starts with '/')")
+    return text
+
+
+def parse_runtime_name(text: str) -> str:
+    from modelgw.registry.validation import DNS_LABEL_RULE, is_dns_label
+
+    if not is_dns_label(text):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a runtime name ({DNS_LABEL_RULE})")
+    return text
+
+
+def parse_instance_name(text: str) -> str:
+    if not text or not all(c.isalnum() or c in "._-" for c in text) or not text.isascii():
+        raise argparse.ArgumentTypeError(f"'{text}' is not an instance name (letters, digits, '.', '_', '-')")
+    return text
+
+
+def parse_lease_ttl(text: str) -> int:
+    try:
+        ttl = int(text)
+    except ValueError:
+        ttl = 0
+    if ttl < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of seconds, at least 1")
+    return ttl
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     runtime = subparsers.add_parser("runtime", help="run a model runtime (pytorch, onnx, python)")
     commands = runtime.add_subparsers(dest="runtime_command", metavar="COMMAND", required=True)
@@ -74,6 +111,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="largest gRPC message in either direction (default 64 MiB)")
     serve.add_argument("--workers", type=int, default=None,
                        help="threads running predict calls (default: cores + 2, at most 8)")
+    serve.add_argument("--inline-predict-us", type=float, default=200.0,
+                       help="unbatched models whose predict takes less than this (moving average, "
+                            "microseconds) run on the event loop instead of the thread pool; 0: never (default 200)")
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish on shutdown (default 30)")
     serve.add_argument("--option", dest="options", type=parse_option, action="append", default=[],
@@ -81,13 +121,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     registry = serve.add_argument_group(
         "registry", "register this replica in etcd and load the models the registry assigns to --runtime"
     )
-    registry.add_argument("--registry", metavar="HOST:PORT", default=None, help="etcd endpoint of the registry")
-    registry.add_argument("--prefix", default="/modelgw/v1/", help="registry key prefix (default %(default)s)")
-    registry.add_argument("--runtime", default=None, help="the registry runtime this replica belongs to")
-    registry.add_argument("--instance", default=None, help="this replica's name (default RUNTIME-<random>)")
-    registry.add_argument("--advertise", default=None, metavar="HOST:PORT",
-                          help="address the gateway should dial (default: --host and the bound port)")
-    registry.add_argument("--lease-ttl", type=int, default=10, help="endpoint lease TTL in seconds (default 10)")
+    registry.add_argument("--registry", metavar="HOST:PORT", type=parse_host_port, default=None,
+                          help="etcd endpoint of the registry")
+    registry.add_argument("--prefix", type=parse_prefix, default="/modelgw/v1/",
+                          help="registry key prefix (default %(default)s)")
+    registry.add_argument("--runtime", type=parse_runtime_name, default=None,
+                          help="the registry runtime this replica belongs to")
+    registry.add_argument("--instance", type=parse_instance_name, default=None,
+                          help="this replica's name (default RUNTIME-<random>)")
+    registry.add_argument("--advertise", type=parse_host_port, default=None, metavar="HOST:PORT",
+                          help="address the gateway should dial (default: --host and the bound port; "
+                               "the host name when --host is 0.0.0.0 or ::)")
+    registry.add_argument("--lease-ttl", type=parse_lease_ttl, default=10,
+                          help="endpoint lease TTL in seconds (default 10)")
     serve.set_defaults(func=serve_command)
 
 
@@ -123,6 +169,7 @@ async def serve(args: argparse.Namespace) -> int:
         max_concurrent_batches=args.max_concurrent_batches,
         options=dict(args.options),
         drain_timeout=args.drain_timeout,
+        inline_predict_below=args.inline_predict_us / 1e6,
     )
     server = RuntimeServer(repository, host=args.host, port=args.port,
                            max_message_bytes=args.max_message_bytes)
@@ -146,10 +193,20 @@ async def serve(args: argparse.Namespace) -> int:
         await server.stop(grace=0)
         raise loading.exception()
 
-    await server.set_ready(True)
-    registration = await _register(args, server) if args.registry else None
-    names = ", ".join(f"{m.name}:{m.version}" for m in args.models) or "assigned by the registry"
-    log.info("runtime ready on %s:%d (kind %s; models %s)", args.host, server.port, args.kind, names)
+    registration = None
+    if args.registry:
+        # registered at once (not ready), ready once the models the registry assigns are
+        # loaded or failed: until then no gateway sends traffic here
+        registration = await _register(args, server)
+        assigned = asyncio.create_task(registration.assigned.wait())
+        await asyncio.wait({assigned, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        assigned.cancel()
+    if not stop.is_set():
+        await server.set_ready(True)
+        if registration is not None:
+            registration.mark_dirty()
+        names = ", ".join(f"{m.name}:{m.version}" for m in args.models) or "assigned by the registry"
+        log.info("runtime ready on %s:%d (kind %s; models %s)", args.host, server.port, args.kind, names)
     await stopping
     log.info("shutting down: draining in-flight requests (up to %.0fs)", args.drain_timeout)
     if registration is not None:
@@ -164,17 +221,21 @@ async def serve(args: argparse.Namespace) -> int:
 
 async def _register(args: argparse.Namespace, server):
     import secrets
+    import socket
 
     from modelgw.registry.store import RegistryStore
     from modelgw.runtimes.registration import EndpointRegistration
 
     store = RegistryStore(args.registry, prefix=args.prefix)
+    address = args.advertise
+    if address is None and args.host in ("0.0.0.0", "::", "[::]"):
+        address = f"{socket.gethostname()}:{server.port}"  # a wildcard is no address to dial
     registration = EndpointRegistration(
         store,
         server,
         runtime=args.runtime,
         instance=args.instance or f"{args.runtime}-{secrets.token_hex(3)}",
-        address=args.advertise,
+        address=address,
         lease_ttl=args.lease_ttl,
     )
     await registration.start()

@@ -2,16 +2,20 @@
 
     registration = EndpointRegistration(store, server, runtime="torch", instance="torch-0-ab12")
     await registration.start()     # lease + endpoint record; starts following assignments
+    await registration.assigned.wait()   # the first assigned models are loaded (or failed)
     ...
     await registration.stop()      # revoke the lease: the record goes at once
 
-- The endpoint record (address, loaded models with their state, load figures) lives under
-  a lease kept alive in the background; if the replica dies, etcd drops it after the TTL.
+- The endpoint record (address, readiness, loaded models with their state, load figures)
+  lives under a lease kept alive in the background; if the replica dies, etcd drops it
+  after the TTL.
 - Every model with a version on this runtime is loaded; versions that go away are
-  unloaded; a changed URI or batching limit reloads the version.
-- The record is rewritten when a model's state changes and, throttled, when the load
-  figures change. After an etcd outage long enough for the lease to expire, a new
-  lease is granted and the record written again.
+  unloaded; a changed URI or batching limit reloads the version. A load that fails stays
+  FAILED, with its reason in the record, until its spec changes (no retry loop).
+- The record is rewritten when a model's state or the readiness changes, and, at most
+  once per `load_interval`, when the load figures change. If the lease is lost (etcd
+  expired it: the replica could not reach etcd for longer than the TTL, or it was
+  revoked) a new lease is granted and the record written again, under the same instance.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class Assignment:
 
 
 def assignments(specs: dict[str, rpb.ModelSpec]) -> dict[tuple[str, str], Assignment]:
+    """{(model, version): Assignment} for the model specs assigned to this runtime."""
     wanted = {}
     for spec in specs.values():
         limits = spec.limits
@@ -87,9 +92,16 @@ class EndpointRegistration:
         self.lease: Lease | None = None
         self.loaded: dict[tuple[str, str], Assignment] = {}
         self.started_at = Timestamp()
+        self.assigned = asyncio.Event()  # the first assignment from etcd has been acted on
+        self.registrations = 0  # leases granted: 1 + re-registrations after a lost lease
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._last_load: tuple = ()
+        self._failing = False  # the last write failed (log once per outage, not every retry)
+
+    @property
+    def what(self) -> str:
+        return f"endpoints/{self.runtime}/{self.instance}"
 
     # -- the record ----------------------------------------------------------------------
 
@@ -109,30 +121,44 @@ class EndpointRegistration:
             extra(ep.load)
         return ep
 
-    def _load_key(self) -> tuple:
-        ep = self.endpoint()
+    @staticmethod
+    def _load_key(ep: rpb.Endpoint) -> tuple:
         return (ep.load.queue_depth, ep.load.in_flight, ep.load.kv_cache_usage, ep.load.running)
 
     async def _write(self) -> None:
-        """Write the record; a lost lease means etcd dropped it: grant anew and rewrite."""
-        if self.lease is None or not self.lease.alive:
-            self.lease = await self.store.grant_lease(self.lease_ttl)
-            log.info("endpoint %s/%s: registered under lease %x", self.runtime, self.instance, self.lease.id)
-        try:
-            await self.store.put_endpoint(self.endpoint(), self.lease)
-        except LeaseNotFoundError:
-            self.lease = None
-            await self._write()
+        """Write the record under a live lease; a lost lease means etcd dropped the record:
+        grant a new one and write it again."""
+        for _ in range(2):
+            if self.lease is None or not self.lease.alive:
+                if self.lease is not None:
+                    log.warning("%s: lease %x is gone (expired or revoked): registering again", self.what, self.lease.id)
+                self.lease = await self.store.grant_lease(self.lease_ttl)
+                self.registrations += 1
+                log.info("%s: registered under lease %x", self.what, self.lease.id)
+            ep = self.endpoint()
+            try:
+                await self.store.put_endpoint(ep, self.lease)
+            except LeaseNotFoundError:
+                # expired before its keeper noticed: stop the keeper, grant anew
+                await self.lease.stop()
+                self.lease = None
+                continue
+            self._last_load = self._load_key(ep)
+            return
+        raise LeaseNotFoundError(f"{self.what}: a freshly granted lease was not found; etcd lost it")
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Register (or keep trying in the background if etcd is not there yet) and start
+        following the models assigned to the runtime."""
         self.started_at.GetCurrentTime()
         try:
             await self._write()
         except RegistryError as exc:
-            # etcd is not there yet: serve anyway, the publisher keeps trying
-            log.warning("endpoint %s/%s: cannot register yet (will retry): %s", self.runtime, self.instance, exc)
+            # etcd is not there yet: the publisher keeps trying
+            log.warning("%s: cannot register yet (will retry): %s", self.what, exc)
+            self._failing = True
             self._dirty.set()
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -146,36 +172,55 @@ class EndpointRegistration:
         self._dirty.set()
 
     async def stop(self) -> None:
+        """Stop following and revoke the lease: the record is deleted at once."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self._tasks = []
         if self.lease is not None:
-            with contextlib.suppress(RegistryError):
+            try:
                 await self.lease.revoke()
-            log.info("endpoint %s/%s: deregistered", self.runtime, self.instance)
+                log.info("%s: deregistered", self.what)
+            except RegistryError as exc:
+                log.warning("%s: could not revoke lease (the record expires with it): %s", self.what, exc)
 
     # -- background work -----------------------------------------------------------------
 
     async def _publish(self) -> None:
-        """Rewrite the record when asked, when the lease was lost, and (throttled) when the
-        load figures moved."""
+        """Rewrite the record when asked, when the lease is lost, and (at most once per
+        load_interval) when the load figures moved."""
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), self.load_interval)
-            lease_lost = self.lease is not None and self.lease.lost.is_set()
-            load = self._load_key()
-            if not (self._dirty.is_set() or lease_lost or load != self._last_load):
+            waits = [asyncio.ensure_future(self._dirty.wait())]
+            if self.lease is not None and self.lease.alive:
+                waits.append(asyncio.ensure_future(self.lease.lost.wait()))
+            try:
+                await asyncio.wait(waits, timeout=self.load_interval, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waits:
+                    waiter.cancel()
+            lease_lost = self.lease is None or not self.lease.alive
+            if not (self._dirty.is_set() or lease_lost or self._load_key(self.endpoint()) != self._last_load):
                 continue
             self._dirty.clear()
             try:
                 await self._write()
-                self._last_load = load
             except RegistryError as exc:
-                log.warning("endpoint %s/%s: cannot write the record (will retry): %s", self.runtime, self.instance, exc)
+                if not self._failing:
+                    log.warning("%s: cannot write the record (will keep trying): %s", self.what, exc)
+                self._failing = True
                 self._dirty.set()
-                await asyncio.sleep(min(self.load_interval, 1.0))
+                await asyncio.sleep(self.load_interval)
+                continue
+            except Exception:  # a bug of ours: keep the replica registered regardless
+                log.exception("%s: writing the record failed", self.what)
+                self._dirty.set()
+                await asyncio.sleep(self.load_interval)
+                continue
+            if self._failing:
+                log.info("%s: record written again", self.what)
+                self._failing = False
 
     async def _follow_repository(self) -> None:
         async for _ in self.repository.watch():
@@ -183,7 +228,11 @@ class EndpointRegistration:
 
     async def _follow_assignments(self) -> None:
         async for specs in self.store.watch_assigned_models(self.runtime):
-            await self._reconcile(assignments(specs))
+            try:
+                await self._reconcile(assignments(specs))
+            except Exception:  # keep following: the next change may well work
+                log.exception("%s: acting on the assigned models failed", self.what)
+            self.assigned.set()
 
     async def _reconcile(self, wanted: dict[tuple[str, str], Assignment]) -> None:
         for key in [k for k in self.loaded if k not in wanted]:

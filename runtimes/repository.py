@@ -126,6 +126,7 @@ class ModelRepository:
         max_concurrent_batches: int = 1,
         options: Mapping[str, str] | None = None,
         drain_timeout: float = 30.0,
+        inline_predict_below: float = 0.0002,
     ) -> None:
         """kind: the default runtime kind; max_batch_size: overrides what models declare
         (None: keep theirs); max_queue_delay: seconds; options: defaults for every model."""
@@ -139,6 +140,7 @@ class ModelRepository:
         self.max_concurrent_batches = max_concurrent_batches
         self.options = dict(options or {})
         self.drain_timeout = drain_timeout
+        self.inline_predict_below = inline_predict_below
         self._ready: dict[tuple[str, str], ServedModel] = {}
         self._default: dict[str, ServedModel] = {}
         self._status: dict[tuple[str, str], ModelStatus] = {}
@@ -266,7 +268,7 @@ class ModelRepository:
             runner = DynamicBatcher(name, model.predict, self.executor,
                                     BatchingConfig(metadata.max_batch_size, delay, self.max_concurrent_batches))
         else:
-            runner = DirectRunner(name, model.predict, self.executor)
+            runner = DirectRunner(name, model.predict, self.executor, self.inline_predict_below)
         return ServedModel(model, uri, metadata, runner, next(self._seq))
 
     async def unload(self, name: str, version: str | None = None) -> None:

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from modelgw.runtimes.batching import BatchingConfig, DynamicBatcher
+from modelgw.runtimes.batching import BatchingConfig, DirectRunner, DynamicBatcher
 from modelgw.runtimes.errors import InferenceError, InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady
 from modelgw.runtimes.model import Model, ModelMetadata, TensorSpec
 from modelgw.runtimes.repository import ModelRepository, ModelState
@@ -48,6 +48,40 @@ async def wait_until(condition, what: str) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"gave up waiting until {what}")
+
+
+async def test_direct_runner_inlines_fast_models_and_pools_slow_ones(executor) -> None:
+    threads: list[str] = []
+
+    def fast(inputs, parameters):
+        threads.append(threading.current_thread().name)
+        return {"y": inputs["x"] + 1}
+
+    def slow(inputs, parameters):
+        threads.append(threading.current_thread().name)
+        threading.Event().wait(0.05)
+        return {"y": inputs["x"] - 1}
+
+    x = {"x": np.arange(3, dtype=np.float32)}
+    # a generous threshold, so a loaded machine still counts `fast` as fast
+    fast_runner = DirectRunner("fast", fast, executor, inline_below=0.01)
+    for _ in range(5):
+        np.testing.assert_array_equal((await fast_runner.submit(x, {}))["y"], x["x"] + 1)
+    assert fast_runner.inline
+    assert threads[0] != threading.current_thread().name  # first call measures in the pool
+    assert threads[-1] == threading.current_thread().name  # then it runs on the loop
+
+    threads.clear()
+    slow_runner = DirectRunner("slow", slow, executor, inline_below=0.01)
+    for _ in range(3):
+        np.testing.assert_array_equal((await slow_runner.submit(x, {}))["y"], x["x"] - 1)
+    assert not slow_runner.inline
+    assert threading.current_thread().name not in threads
+
+    never = DirectRunner("never", fast, executor, inline_below=0.0)
+    for _ in range(3):
+        await never.submit(x, {})
+    assert not never.inline
 
 
 async def test_batcher_merges_queued_requests_and_returns_each_its_rows(executor) -> None:
