@@ -3,7 +3,8 @@
 Bodies are the registry messages' JSON mapping (the same JSON as in etcd and in
 `modelgw apply -f`). Optimistic concurrency: send the revision you read as
 `If-Match: "<revision>"` (or `?expected_revision=`); `If-None-Match: *` creates only.
-A conflict is 409 with the current revision in the body and the ETag header.
+A conflict is 409 with the current revision in the body (`current_revision`, a string as
+every int64 of the JSON mapping) and in the ETag header.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def _error(err: RegistryError) -> web.Response:
     body: dict[str, Any] = {"error": str(err)}
     headers = None
     if isinstance(err, ConflictError):
-        body["current_revision"] = err.current_revision
+        # a string, like every int64 of the proto3 JSON mapping (e.g. a record's "revision")
+        body["current_revision"] = str(err.current_revision)
         headers = {"ETag": f'"{err.current_revision}"'}
     if isinstance(err, ValidationError):
         body["problems"] = err.problems

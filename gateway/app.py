@@ -21,15 +21,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from modelgw.gateway import metrics
 from modelgw.gateway.admin import AdminApi
+from modelgw.gateway.auth import AuthConfig, add_registry_service, build_authenticator
 from modelgw.gateway.grpc_frontend import InferenceFrontend
+from modelgw.gateway.openai import OpenAIApi
 from modelgw.gateway.proxy import Proxy, ProxyLimits
 from modelgw.gateway.rest_frontend import RestFrontend, make_app
 from modelgw.gateway.routing import RoutingTable
 from modelgw.gateway.upstream import UpstreamPool
-from modelgw.registry import service as registry_service
 from modelgw.registry.keys import DEFAULT_PREFIX
 from modelgw.registry.store import RegistryStore
-from modelgw.registry.view import RegistryView
+from modelgw.registry.keys import Section
+from modelgw.registry.view import Change, RegistryView
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,10 @@ class GatewayConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     drain_seconds: float = 30.0
     limits: ProxyLimits = field(default_factory=ProxyLimits)
+    # who may call: trusted token issuers; none is an error unless insecure_no_auth is
+    # set explicitly (then every caller may use every model and the admin API)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    insecure_no_auth: bool = False
 
 
 class Gateway:
@@ -54,19 +60,25 @@ class Gateway:
         self.table = RoutingTable()
         self.pool = UpstreamPool(config.max_message_bytes)
         self.proxy = Proxy(self.table, self.pool, config.limits)
+        self.auth = build_authenticator(config.auth, self.table, insecure=config.insecure_no_auth)
         self.health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
         self.grpc_port = 0
         self.http_port = 0
         self._unsubscribe = None
+        self._draining = False
 
     def is_ready(self) -> bool:
         """Ready once the registry has been read at least once; stays ready when etcd
-        goes away later, since known routes keep being served."""
-        return self.view.synced.is_set()
+        goes away later, since known routes keep being served. Not ready while draining."""
+        return self.view.synced.is_set() and not self._draining
 
-    def _on_registry_change(self, changes: object = None) -> None:
+    def _on_registry_change(self, changes: list[Change] | None = None) -> None:
+        if changes is not None and not any(
+            c.section != Section.ENDPOINT or RoutingTable.affects_routing(c.old, c.new) for c in changes
+        ):
+            return  # only load figures moved
         snapshot = self.view.snapshot
         self.table.update(snapshot.models.values(), snapshot.endpoints)
         self.pool.retain(ep.address for ep in snapshot.endpoints.values())
@@ -80,15 +92,22 @@ class Gateway:
                 ("grpc.max_send_message_length", size),
                 ("grpc.max_receive_message_length", size),
                 ("grpc.so_reuseport", 0),
+                # room for the largest bearer token accepted plus the usual headers, so that
+                # a big token is judged by the auth config, not cut off by gRPC's 8 KiB default
+                ("grpc.max_metadata_size", self.config.auth.max_token_bytes + 8192),
             ]
         )
-        server.add_generic_rpc_handlers((InferenceFrontend(self.proxy, self.is_ready).generic_handler(),))
-        registry_service.add_to_server(server, self.store)
+        server.add_generic_rpc_handlers((InferenceFrontend(self.proxy, self.is_ready, self.auth.authorize_grpc).generic_handler(),))
+        add_registry_service(server, self.store, self.auth)  # needs the admin scope
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         return server
 
     async def start(self) -> None:
         self._unsubscribe = self.view.subscribe(self._on_registry_change)
+        metrics.REGISTRY_CONNECTED.set_function(lambda: float(self.view.connected))
+        metrics.REGISTRY_FULL_READS.set_function(lambda: float(self.view.resyncs))
+        metrics.REGISTRY_REVISION.set_function(lambda: float(self.view.revision))
+        await self.auth.start()  # issuers' keys are fetched in the background
         await self.view.start(wait=False)
 
         self._grpc = self._grpc_server()
@@ -98,9 +117,12 @@ class Gateway:
         await self._grpc.start()
 
         app = make_app(self.config.max_message_bytes)
-        RestFrontend(self.proxy, self.is_ready).add_routes(app)
-        AdminApi(self.store).add_routes(app)
-        self._http = web.AppRunner(app, access_log=None, handle_signals=False)
+        RestFrontend(self.proxy, self.is_ready, self.auth.authorize_rest).add_routes(app)
+        AdminApi(self.store, self.auth.authorize_admin_rest).add_routes(app)
+        OpenAIApi(self.proxy, lambda: self.view.runtimes, self.auth.authorize_rest).add_routes(app)  # /v1
+        self._http = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=self.config.drain_seconds
+        )
         await self._http.setup()
         site = web.TCPSite(self._http, self.config.host, self.config.http_port, reuse_port=False)
         await site.start()
@@ -115,22 +137,29 @@ class Gateway:
         await asyncio.wait_for(self.view.synced.wait(), timeout)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: refuse new requests, let in-flight ones finish (up to `grace`), close."""
+        """Drain: refuse new requests on both ports at once, let in-flight ones finish (up
+        to `grace`, default config.drain_seconds), then close."""
         grace = self.config.drain_seconds if grace is None else grace
+        self._draining = True
         await self.health.enter_graceful_shutdown()
         stops = []
         if self._grpc is not None:
             stops.append(self._grpc.stop(grace))
         if self._http is not None:
-            stops.append(self._http.shutdown())
-        await asyncio.gather(*stops, return_exceptions=True)
-        if self._http is not None:
-            await self._http.cleanup()
+            # cleanup() closes the listener first, then waits up to the runner's
+            # shutdown_timeout for requests in flight
+            self._http._shutdown_timeout = grace
+            stops.append(self._http.cleanup())
+        results = await asyncio.gather(*stops, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("while draining: %r", result)
         if self._unsubscribe:
             self._unsubscribe()
         await self.view.stop()
         await self.pool.close()
         await self.store.close()
+        await self.auth.close()
         log.info("gateway stopped")
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
+from modelgw.gateway.auth.cli import add_gateway_arguments, gateway_auth_config
 from modelgw.gateway.proxy import ProxyLimits
 from modelgw.registry.keys import DEFAULT_PREFIX
 
@@ -24,11 +26,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024, help="largest request or response (default 64 MiB)")
     p.add_argument("--max-in-flight", type=int, default=4096, help="requests in flight across the gateway before 429 / RESOURCE_EXHAUSTED")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="on SIGTERM, how long in-flight requests may take to finish")
+    add_gateway_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from modelgw.gateway.app import GatewayConfig, run_gateway
+    from modelgw.gateway.auth.config import AuthConfigError, check_auth_choice
+
+    try:
+        auth = gateway_auth_config(args)
+        check_auth_choice(auth, args.insecure_no_auth)
+    except AuthConfigError as err:
+        print(f"modelgw gateway: error: {err}", file=sys.stderr)
+        return 2
 
     config = GatewayConfig(
         etcd=args.etcd,
@@ -39,5 +50,7 @@ def run(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         drain_seconds=args.drain_seconds,
         limits=ProxyLimits(max_in_flight=args.max_in_flight),
+        auth=auth,
+        insecure_no_auth=args.insecure_no_auth,
     )
     return asyncio.run(run_gateway(config))

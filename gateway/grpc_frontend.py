@@ -8,10 +8,12 @@ the routing fields are read off the wire (gateway/wire.py) and the bytes forward
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from modelgw import __version__
 from modelgw.gateway.errors import GatewayError
@@ -26,10 +28,6 @@ EXTENSIONS = ["model_repository(read-only)", "binary_tensor_data", "streaming", 
 
 # (context, model name) -> the verified subject, raising GatewayError when refused
 Authorizer = Callable[[grpc.aio.ServicerContext, str], "asyncio.Future[str | None] | str | None"]
-
-
-def _sticky_key(metadata: dict[str, str]) -> str | None:
-    return metadata.get(STICKY_HEADER)
 
 
 class InferenceFrontend:
@@ -82,24 +80,28 @@ class InferenceFrontend:
 
     # -- routed ----------------------------------------------------------------------------
 
-    async def _prepare(self, payload: bytes, context: grpc.aio.ServicerContext) -> tuple[str, str, list, dict]:
+    async def _prepare(
+        self, payload: bytes, context: grpc.aio.ServicerContext
+    ) -> tuple[str, str, list[tuple[str, str]], str | None]:
+        """(model, version, metadata for the runtime, sticky session key) of a request."""
         try:
             model, version = routing_fields(payload)
         except WireError as err:
             raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {err}") from None
         if not model:
             raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, "the request names no model (field model_name/name is empty)")
-        incoming = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        incoming = context.invocation_metadata() or ()
+        sticky = next((v for k, v in incoming if k == STICKY_HEADER and isinstance(v, str)), None)
         subject = None
         if self.authorize is not None:
             subject = self.authorize(context, model)
             if asyncio.iscoroutine(subject):
                 subject = await subject
-        metadata, _ = Proxy.outbound_metadata(context.invocation_metadata(), subject)
-        return model, version, metadata, incoming
+        metadata, _ = Proxy.outbound_metadata(incoming, subject)
+        return model, version, metadata, sticky
 
     async def _forward(self, method: str, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        model, version, metadata, incoming = await self._prepare(payload, context)
+        model, version, metadata, sticky = await self._prepare(payload, context)
         return await self.proxy.unary(
             method,
             payload,
@@ -107,7 +109,7 @@ class InferenceFrontend:
             version,
             metadata=metadata,
             timeout=context.time_remaining(),
-            sticky_key=_sticky_key(incoming),
+            sticky_key=sticky,
         )
 
     async def model_infer(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -126,8 +128,9 @@ class InferenceFrontend:
         try:
             return await self._forward("model_ready", payload, context)
         except GatewayError as err:
-            if err.code == grpc.StatusCode.UNAVAILABLE:
-                # a known model with no ready replica is "not ready", not an error
+            if err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
+                # an unknown model, or one with no ready replica, is "not ready", not an
+                # error: what the runtimes (and Triton) answer, and what clients expect
                 return pb.ModelReadyResponse(ready=False).SerializeToString()
             await context.abort(err.code, err.message)
 
@@ -135,14 +138,22 @@ class InferenceFrontend:
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         """Forward a stream of requests; requests for different models go to different
-        replicas over one upstream stream each, and their responses are merged."""
+        replicas over one upstream stream each, and their responses are merged.
+
+        Unlike unary calls, each message is parsed before it is forwarded: one malformed
+        message would otherwise break the upstream stream that other requests share. A
+        request that fails is answered with an error response on the stream, which stays
+        open for the next ones."""
         out: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=256)
         # (model, requested version) -> (upstream call, version it serves)
         calls: dict[tuple[str, str], tuple[grpc.aio.StreamStreamCall, str]] = {}
         readers: list[asyncio.Task] = []
 
-        async def error(message: str) -> None:
-            await out.put(pb.ModelStreamInferResponse(error_message=message).SerializeToString())
+        async def error(message: str, request_id: str = "") -> None:
+            response = pb.ModelStreamInferResponse(error_message=message)
+            if request_id:
+                response.infer_response.id = request_id
+            await out.put(response.SerializeToString())
 
         async def read_upstream(call: grpc.aio.StreamStreamCall) -> None:
             try:
@@ -152,24 +163,36 @@ class InferenceFrontend:
                 if err.code() != grpc.StatusCode.CANCELLED:
                     await error(f"{err.code().name}: {err.details()}")
 
+        async def upstream_for(model: str, version: str, metadata: list, sticky: str | None) -> tuple:
+            entry = calls.get((model, version))
+            if entry is not None and entry[0].done():
+                del calls[(model, version)]  # that replica's stream ended (e.g. it died)
+                entry = None
+            if entry is None:
+                upstream, _, chosen = self.proxy.open_stream(model, version, metadata=metadata, sticky_key=sticky)
+                entry = calls[(model, version)] = (upstream.model_stream_infer(metadata=metadata), chosen)
+                readers.append(asyncio.create_task(read_upstream(entry[0])))
+            return entry
+
         async def read_client() -> None:
             try:
                 async for payload in requests:
                     try:
-                        model, version, metadata, incoming = await self._prepare(payload, context)
-                        entry = calls.get((model, version))
-                        if entry is None:
-                            upstream, _, chosen = self.proxy.open_stream(
-                                model, version, metadata=metadata, sticky_key=_sticky_key(incoming)
-                            )
-                            entry = calls[(model, version)] = (upstream.model_stream_infer(metadata=metadata), chosen)
-                            readers.append(asyncio.create_task(read_upstream(entry[0])))
-                        call, chosen = entry
+                        request_id = pb.ModelInferRequest.FromString(payload).id
+                    except DecodeError as err:
+                        await error(f"{grpc.StatusCode.INVALID_ARGUMENT.name}: malformed request message: {err}")
+                        continue
+                    try:
+                        model, version, metadata, sticky = await self._prepare(payload, context)
+                        call, chosen = await upstream_for(model, version, metadata, sticky)
                         await call.write(payload if version else with_version(payload, chosen))
                     except GatewayError as err:
-                        await error(f"{err.code.name}: {err.message}")
+                        await error(f"{err.code.name}: {err.message}", request_id)
+                    except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as err:
+                        await error(f"UNAVAILABLE: the runtime's stream ended before this request: {err}", request_id)
                 for call, _ in calls.values():
-                    await call.done_writing()
+                    with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                        await call.done_writing()
                 await asyncio.gather(*readers)
             finally:
                 await out.put(None)

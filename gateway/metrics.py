@@ -22,3 +22,15 @@ RETRIES = Counter("modelgw_retries_total", "Requests retried on another replica"
 EJECTIONS = Counter("modelgw_replica_ejections_total", "Replicas taken out of rotation after failures", ("runtime",), registry=REGISTRY)
 ROUTES = Gauge("modelgw_routes", "Models known to the routing table", registry=REGISTRY)
 REPLICAS = Gauge("modelgw_replicas", "Runtime replicas known to the routing table", registry=REGISTRY)
+
+# The registry watch behind the routing table; their values are read from the view when
+# scraped (set_function in Gateway.start), so the watch does no metrics work of its own.
+REGISTRY_CONNECTED = Gauge(
+    "modelgw_registry_connected", "1 while the registry watch is connected to etcd (routes are served either way)",
+    registry=REGISTRY,
+)
+REGISTRY_FULL_READS = Gauge(
+    "modelgw_registry_full_reads", "Full reads of the registry since start: the first one, then one per etcd "
+    "reconnect or compaction", registry=REGISTRY,
+)
+REGISTRY_REVISION = Gauge("modelgw_registry_revision", "etcd revision the routing table reflects", registry=REGISTRY)

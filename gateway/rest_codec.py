@@ -26,6 +26,9 @@ _BINARY_PARAMS = ("binary_data_size", "binary_data", "binary_data_output")
 _JSON_KINDS = {"BOOL": "b", "FP16": "iuf", "FP32": "iuf", "FP64": "iuf", "BF16": "iuf"}
 
 
+_INT64_MIN, _INT64_MAX, _UINT64_MAX = -(2**63), 2**63 - 1, 2**64 - 1
+
+
 def _bad(message: str) -> GatewayError:
     return GatewayError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
@@ -48,9 +51,20 @@ def split_body(body: bytes, header_length: str | None) -> tuple[Any, memoryview]
         document = json.loads(json_part)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise _bad(f"the request body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise _bad("the request body's JSON is nested too deeply for a tensor request") from None
     if not isinstance(document, dict):
         raise _bad("the request body must be a JSON object with an 'inputs' list")
     return document, binary
+
+
+def _text(value: str, where: str) -> str:
+    """A string protobuf can carry: JSON allows lone surrogates ("\\ud800"), UTF-8 does not."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad(f"{where} is not valid Unicode text (it holds a lone surrogate)") from None
+    return value
 
 
 def _set_parameters(target: Any, params: Any, where: str) -> None:
@@ -61,8 +75,13 @@ def _set_parameters(target: Any, params: Any, where: str) -> None:
     for key, value in params.items():
         if key in _BINARY_PARAMS:
             continue
+        _text(key, f"{where}: a parameter name")
         if value is None or isinstance(value, (list, dict)):
             raise _bad(f"{where}: parameter '{key}' must be a string, number or boolean")
+        if isinstance(value, int) and not isinstance(value, bool) and not _INT64_MIN <= value <= _UINT64_MAX:
+            raise _bad(f"{where}: parameter '{key}' is out of the 64-bit integer range")
+        if isinstance(value, str):
+            _text(value, f"{where}: parameter '{key}'")
         codec.set_parameter(target, key, value)
 
 
@@ -71,29 +90,30 @@ def _json_array(name: str, datatype: str, data: Any, count: int) -> np.ndarray:
         data = [data]
     if datatype == "BYTES":
         flat: list[Any] = []
-        stack = [data]
-        while stack:
-            item = stack.pop()
-            if isinstance(item, list):
-                stack.extend(reversed(item))
-            elif isinstance(item, str):
-                flat.append(item.encode("utf-8"))
-            else:
+        for item in _leaves(data):
+            if not isinstance(item, str):
                 raise codec.TensorError(name, "BYTES data must be strings")
+            try:
+                flat.append(item.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise codec.TensorError(name, "BYTES data is not valid Unicode text (a lone surrogate)") from None
         array = np.empty(len(flat), dtype=object)
         array[:] = flat
     else:
+        target = codec.NUMPY_DTYPES[datatype]
         try:
             array = np.asarray(data)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise codec.TensorError(name, "data is a ragged nested list") from None
+        if target.kind in "iu" and array.dtype.kind in "fO":
+            # numpy turns Python ints beyond int64 into floats or objects: look closer
+            array = _exact_integers(name, datatype, data)
         if array.dtype == object:
             raise codec.TensorError(name, "data is a ragged nested list or mixes types")
         array = array.reshape(-1)
         kinds = _JSON_KINDS.get(datatype, "iu")
         if array.size and array.dtype.kind not in kinds:
-            raise codec.TensorError(name, f"{datatype} data must be {_describe(kinds)}, got {array.dtype.kind!r}-typed values")
-        target = codec.NUMPY_DTYPES[datatype]
+            raise codec.TensorError(name, f"{datatype} data must be {_describe(kinds)}, got {_KIND_NAMES.get(array.dtype.kind, array.dtype.kind)}")
         if target.kind in "iu" and array.size:
             info = np.iinfo(target)
             if array.min() < info.min or array.max() > info.max:
@@ -108,6 +128,35 @@ def _describe(kinds: str) -> str:
     return {"b": "booleans", "iu": "integers", "iuf": "numbers"}.get(kinds, kinds)
 
 
+_KIND_NAMES = {"b": "booleans", "i": "integers", "u": "integers", "f": "floats", "U": "strings", "O": "mixed values"}
+
+
+def _leaves(data: list) -> list[Any]:
+    """The non-list items of a nested list, in order (iteratively: no recursion limit)."""
+    flat: list[Any] = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        else:
+            flat.append(item)
+    return flat
+
+
+def _exact_integers(name: str, datatype: str, data: list) -> np.ndarray:
+    """Integer data numpy could not hold as int64: in range for `datatype` (e.g. UINT64
+    above 2**63) or a clear error. The caller checks the element count."""
+    flat = _leaves(data)
+    if not all(isinstance(v, int) for v in flat):
+        kinds = {type(v).__name__ for v in flat if not isinstance(v, int)}
+        raise codec.TensorError(name, f"{datatype} data must be integers, got {', '.join(sorted(kinds))} values")
+    info = np.iinfo(codec.NUMPY_DTYPES[datatype])
+    if flat and (min(flat) < info.min or max(flat) > info.max):
+        raise codec.TensorError(name, f"a value is out of range for {datatype}")
+    return np.array(flat, dtype=codec.NUMPY_DTYPES[datatype])
+
+
 def infer_request_from_json(
     document: dict, binary: memoryview, model: str, version: str
 ) -> tuple[pb.ModelInferRequest, bool, set[str]]:
@@ -116,7 +165,7 @@ def infer_request_from_json(
     if "id" in document:
         if not isinstance(document["id"], str):
             raise _bad("'id' must be a string")
-        request.id = document["id"]
+        request.id = _text(document["id"], "'id'")
     params = document.get("parameters")
     _set_parameters(request.parameters, params, "request")
     binary_all = bool(isinstance(params, dict) and params.get("binary_data_output"))
@@ -132,12 +181,15 @@ def infer_request_from_json(
             name = spec.get("name")
             if not isinstance(name, str) or not name:
                 raise _bad(f"inputs[{i}]: 'name' must be a non-empty string")
+            _text(name, f"inputs[{i}]: 'name'")
             datatype = spec.get("datatype")
             shape = spec.get("shape")
             if datatype not in codec.DATATYPES:
                 raise codec.TensorError(name, f"unknown datatype {datatype!r}; expected one of {', '.join(sorted(codec.DATATYPES))}")
             if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
                 raise codec.TensorError(name, "'shape' must be a list of integers")
+            if any(d > _INT64_MAX for d in shape):
+                raise codec.TensorError(name, f"shape {shape} has a dimension beyond the 64-bit range")
             count = codec.element_count(name, shape)
             tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
             _set_parameters(tensor.parameters, spec.get("parameters"), f"input '{name}'")
@@ -172,6 +224,7 @@ def infer_request_from_json(
         for i, spec in enumerate(outputs):
             if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
                 raise _bad(f"outputs[{i}] must be an object with a 'name'")
+            _text(spec["name"], f"outputs[{i}]: 'name'")
             out = request.outputs.add(name=spec["name"])
             oparams = spec.get("parameters")
             _set_parameters(out.parameters, oparams, f"output '{spec['name']}'")

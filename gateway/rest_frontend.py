@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from modelgw import __version__
@@ -27,10 +28,12 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 # (request, model name) -> verified subject; raises GatewayError when refused
 RestAuthorizer = Callable[[web.Request, str], Awaitable[str | None]]
+_ASK = object()  # _forward's subject when the request has not been authorized yet
 
 
 def error_response(err: GatewayError) -> web.Response:
-    return web.json_response({"error": err.message}, status=err.http_status)
+    # auth refusals carry their WWW-Authenticate challenge (gateway/auth/guard.py)
+    return web.json_response({"error": err.message}, status=err.http_status, headers=getattr(err, "headers", None))
 
 
 def _timeout(request: web.Request) -> float | None:
@@ -74,8 +77,11 @@ class RestFrontend:
 
     # -- routed --------------------------------------------------------------------------
 
-    async def _forward(self, request: web.Request, method: str, message: bytes, model: str, version: str) -> bytes:
-        subject = await self.authorize(request, model) if self.authorize else None
+    async def _forward(
+        self, request: web.Request, method: str, message: bytes, model: str, version: str, subject: object = _ASK
+    ) -> bytes:
+        if subject is _ASK:
+            subject = await self.authorize(request, model) if self.authorize else None
         incoming = [(k.lower(), v) for k, v in request.headers.items()]
         metadata, _ = Proxy.outbound_metadata(incoming, subject)
         return await self.proxy.unary(
@@ -114,10 +120,13 @@ class RestFrontend:
     async def infer(self, request: web.Request) -> web.Response:
         model, version = request.match_info["model"], request.match_info.get("version", "")
         try:
+            # who asks, before the body is read and parsed: an unauthenticated caller gets a
+            # 401 (not a parse error) and costs no body read
+            subject = await self.authorize(request, model) if self.authorize else None
             body = await request.read()
             document, binary = rest_codec.split_body(body, request.headers.get(HEADER_LENGTH))
             message, binary_all, binary_outputs = rest_codec.infer_request_from_json(document, binary, model, version)
-            raw = await self._forward(request, "model_infer", message.SerializeToString(), model, version)
+            raw = await self._forward(request, "model_infer", message.SerializeToString(), model, version, subject)
             out, header_length = rest_codec.infer_response_to_body(
                 pb.ModelInferResponse.FromString(raw), binary_all, binary_outputs
             )
@@ -151,6 +160,25 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Awa
     except Exception:
         log.exception("unhandled error for %s %s", request.method, request.path)
         return web.json_response({"error": "internal error; see the gateway log"}, status=500)
+
+
+class _ClientProtocolErrors(logging.Filter):
+    """aiohttp logs every unparsable HTTP request (a bad header, garbage on the port) as
+    an ERROR with a traceback: the client's mistake, and a way to flood the log. Keep one
+    INFO line for those."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and (exc.code or 400) < 500:
+            record.msg, record.args = "bad HTTP request: %s", (str(exc.message).splitlines()[0] if exc.message else exc,)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_aiohttp_server_log = logging.getLogger("aiohttp.server")
+if not any(isinstance(f, _ClientProtocolErrors) for f in _aiohttp_server_log.filters):
+    _aiohttp_server_log.addFilter(_ClientProtocolErrors())
 
 
 def make_app(max_body_bytes: int = 64 * 1024 * 1024) -> web.Application:

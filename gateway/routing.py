@@ -35,10 +35,16 @@ class Replica:
     def available(self, now: float) -> bool:
         return self.ejected_until <= now
 
-    def eject(self, base_seconds: float = 2.0, max_seconds: float = 30.0) -> None:
-        """Take the replica out of rotation, for longer after each consecutive failure."""
+    def eject(self, base_seconds: float = 2.0, max_seconds: float = 30.0) -> bool:
+        """Take the replica out of rotation, for longer after each consecutive failure.
+        Failures of requests that were in flight together count once: False when the
+        replica is already ejected."""
+        now = time.monotonic()
+        if self.ejected_until > now:
+            return False
         self.failures += 1
-        self.ejected_until = time.monotonic() + min(max_seconds, base_seconds * 2 ** (self.failures - 1))
+        self.ejected_until = now + min(max_seconds, base_seconds * 2 ** (self.failures - 1))
+        return True
 
     def succeeded(self) -> None:
         if self.failures:
@@ -110,6 +116,20 @@ class RoutingTable:
 
     # -- updates (from the registry watch cache) ---------------------------------------
 
+    @staticmethod
+    def affects_routing(old: rpb.Endpoint | None, new: rpb.Endpoint | None) -> bool:
+        """Whether an endpoint change matters to routing. Replicas rewrite their record as
+        their load figures move (about once a second under load); the table does not
+        route on those (outstanding requests are counted here), so it is not rebuilt."""
+        if old is None or new is None:
+            return True
+        return (
+            old.address != new.address
+            or old.ready != new.ready
+            or old.runtime != new.runtime
+            or list(old.models) != list(new.models)
+        )
+
     def update(
         self,
         models: Iterable[rpb.ModelSpec] | None = None,
@@ -148,6 +168,25 @@ class RoutingTable:
         self.replicas = replicas
         self.routes = routes
 
+    def _why_unavailable(self, model: str, version: str, runtime: str) -> str:
+        """What the registry says about a version with no ready replica (error path only)."""
+        head = f"model '{model}' version '{version}' has no ready replica"
+        replicas = [ep for ep in self._endpoints.values() if ep.runtime == runtime]
+        if not replicas:
+            return f"{head}: no replica of its runtime '{runtime}' is running"
+        ready = [ep for ep in replicas if ep.ready]
+        if not ready:
+            return f"{head}: {len(replicas)} replica(s) of runtime '{runtime}', none ready yet"
+        states = []
+        for ep in ready:
+            for m in ep.models:
+                if m.name == model and m.version == version:
+                    state = rpb.LoadedModel.State.Name(m.state).lower()
+                    states.append(f"{ep.instance}: {state}" + (f" ({m.message})" if m.message else ""))
+        if not states:
+            return f"{head}: {len(ready)} ready replica(s) of runtime '{runtime}', none has loaded it yet"
+        return f"{head} on runtime '{runtime}': " + "; ".join(states)
+
     # -- the hot path --------------------------------------------------------------------
 
     def route(self, model: str) -> ModelRoute:
@@ -164,17 +203,19 @@ class RoutingTable:
         chosen = route.choose_version(version, sticky_key)
         candidates = route.replicas.get(chosen, ())
         if not candidates:
-            raise GatewayError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"model '{model}' version '{chosen}' has no ready replica "
-                f"(runtime '{route.runtimes[chosen]}': none has this version loaded and ready)",
-            )
+            raise GatewayError(grpc.StatusCode.UNAVAILABLE, self._why_unavailable(model, chosen, route.runtimes[chosen]))
+        if len(candidates) == 1 and exclude is None:
+            return chosen, candidates[0]  # nothing to choose (ejected or not: it is all there is)
         now = time.monotonic()
-        healthy = [r for r in candidates if r is not exclude and r.available(now)]
+        healthy = [r for r in candidates if r is not exclude and r.ejected_until <= now]
         if not healthy:
             # every replica is ejected or excluded: try one anyway rather than fail outright
             healthy = [r for r in candidates if r is not exclude] or list(candidates)
-        if len(healthy) == 1:
+        count = len(healthy)
+        if count == 1:
             return chosen, healthy[0]
-        a, b = random.sample(healthy, 2)
+        # power of two choices: two distinct replicas at random, the less busy one wins
+        i = random.randrange(count)
+        j = random.randrange(count - 1)
+        a, b = healthy[i], healthy[j + (j >= i)]
         return chosen, a if a.outstanding <= b.outstanding else b

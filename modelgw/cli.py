@@ -14,7 +14,9 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "modelgw.runtimes.cli": ("runtime",),
     "modelgw.registry.cli": ("apply", "get", "delete", "registry"),
     "modelgw.gateway.cli": ("gateway",),
+    "modelgw.gateway.auth.cli": ("token",),
     "modelgw.reconciler.cli": ("reconcile",),
+    "modelgw.runtimes.llm.cli": ("llm",),
     "modelgw.up": ("up",),
 }
 

@@ -19,12 +19,24 @@ _PR_SET_PDEATHSIG = 1
 def exit_with_parent() -> None:
     """If MODELGW_PARENT_PID names our parent, get SIGTERM when it dies (Linux only)."""
     expected = os.environ.pop(PARENT_PID_ENV, None)
-    if not expected:
+    if not expected or not expected.isdigit():
         return
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         return
-    if str(os.getppid()) != expected:
-        # the parent died before the death signal was armed
+    if str(os.getppid()) != expected and not _exists(int(expected)):
+        # the parent died before the death signal was armed (when it still exists, a
+        # wrapper such as `sh -c` stands between us and we die with the wrapper: a
+        # supervisor's command should exec the runtime)
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True

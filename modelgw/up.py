@@ -1,6 +1,7 @@
 """`modelgw up`: the whole system on one machine, with a demo model, in one command.
 
-Starts (or reuses, with --etcd) a local etcd whose data lives in the data dir, the local
+Starts (or reuses, with --etcd) a local etcd whose data lives in the data dir, a
+development token issuer on loopback (`modelgw token` mints its tokens), the local
 reconciler and the gateway in this process, registers a `pytorch` runtime and a `demo`
 model (a small TorchScript MLP made on first start), waits until the demo answers and
 prints how to call it. Ctrl-C stops everything it started. Run it again with the same
@@ -101,26 +102,34 @@ async def _register_demo(store, data_dir: Path) -> None:
             await apply(spec, expected_revision=0)
 
 
-def _instructions(host: str, http_port: int, grpc_port: int) -> str:
+def _instructions(host: str, http_port: int, grpc_port: int, issuer: str, data_dir: Path | None) -> str:
     http = f"http://{host}:{http_port}"
+    where = f" --data-dir {data_dir}" if data_dir is not None else ""
     return f"""
 modelgw is up.
   gateway   gRPC {host}:{grpc_port}   HTTP {http}   metrics {http}/metrics
+  issuer    {issuer}   (development only: `modelgw token` mints its tokens)
+
+Every call needs a token; this one may also change the registry (modelgw:admin):
+  export TOKEN=$(modelgw token --sub you --scope modelgw:admin{where})
 
 Call the demo model with curl (OIP v2 REST):
-  curl -s {http}/v2/models/{DEMO_MODEL}/infer -H 'Content-Type: application/json' \\
+  curl -s {http}/v2/models/{DEMO_MODEL}/infer -H "Authorization: Bearer $TOKEN" \\
+    -H 'Content-Type: application/json' \\
     -d '{{"inputs":[{{"name":"input","datatype":"FP32","shape":[1,4],"data":[0.1,0.2,0.3,0.4]}}]}}'
 
 or with tritonclient (pip install 'tritonclient[grpc]'):
   python - <<'EOF'
-import numpy as np, tritonclient.grpc as g
+import os, numpy as np, tritonclient.grpc as g
 c = g.InferenceServerClient("{host}:{grpc_port}")
 x = g.InferInput("input", [1, 4], "FP32"); x.set_data_from_numpy(np.array([[0.1, 0.2, 0.3, 0.4]], np.float32))
-print(c.infer("{DEMO_MODEL}", [x]).as_numpy("probabilities"))
+auth = {{"authorization": "Bearer " + os.environ["TOKEN"]}}
+print(c.infer("{DEMO_MODEL}", [x], headers=auth).as_numpy("probabilities"))
 EOF
 
-Manage the registry:  modelgw get models --server {host}:{grpc_port}
-                      modelgw apply -f my-model.yaml --server {host}:{grpc_port}
+Manage the registry:  modelgw get models --server {host}:{grpc_port} --token "$TOKEN"
+                      modelgw apply -f my-model.yaml --server {host}:{grpc_port} --token "$TOKEN"
+                      (or export MODELGW_TOKEN="$TOKEN" once)
 Press Ctrl-C to stop everything.
 """
 
@@ -138,6 +147,8 @@ async def _wait_demo_ready(gateway, timeout: float) -> bool:
 
 async def _up(args: argparse.Namespace) -> int:
     from modelgw.gateway.app import Gateway, GatewayConfig
+    from modelgw.gateway.auth.config import AuthConfig, IssuerConfig
+    from modelgw.gateway.auth.devissuer import DevIssuer
     from modelgw.reconciler.core import Reconciler
     from modelgw.reconciler.local import LocalBackend
     from modelgw.registry.etcd_server import LocalEtcd
@@ -169,9 +180,16 @@ async def _up(args: argparse.Namespace) -> int:
     store = RegistryStore(endpoint, prefix=DEFAULT_PREFIX)
     backend = LocalBackend(endpoint, DEFAULT_PREFIX, log_dir=data_dir / "logs", lease_ttl=10)
     reconciler = Reconciler(store, backend, identity=f"up-{os.getpid()}", resync_seconds=5.0)
-    gateway = Gateway(GatewayConfig(etcd=endpoint, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port))
+    issuer = DevIssuer(data_dir / "issuer")
+    issuer.prepare()
+    auth = AuthConfig(issuers=(IssuerConfig(issuer=issuer.url, audiences=(issuer.audience,)),))
+    gateway = Gateway(
+        GatewayConfig(etcd=endpoint, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, auth=auth)
+    )
     reconciling = None
     try:
+        await issuer.start()
+        log.info("development token issuer on %s (key in %s)", issuer.url, data_dir / "issuer")
         if not args.no_demo:
             await _register_demo(store, data_dir)
         reconciling = asyncio.ensure_future(reconciler.run())
@@ -183,11 +201,13 @@ async def _up(args: argparse.Namespace) -> int:
             if waiting.done() and not waiting.result():
                 log.error("the demo model did not become ready within 120 s; see %s", data_dir / "logs")
         if not stop.is_set():
-            print(_instructions(args.host if args.host != "0.0.0.0" else "127.0.0.1", gateway.http_port, gateway.grpc_port), flush=True)
+            host = args.host if args.host != "0.0.0.0" else "127.0.0.1"
+            print(_instructions(host, gateway.http_port, gateway.grpc_port, issuer.url, args.data_dir), flush=True)
             await stop.wait()
         log.info("stopping")
     finally:
         await gateway.stop(grace=5)
+        await issuer.stop()
         if reconciling is not None:
             reconciling.cancel()
             with contextlib.suppress(asyncio.CancelledError):

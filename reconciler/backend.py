@@ -23,6 +23,10 @@ class Workload:
     running: int = 0        # replicas whose process/pod is up (not necessarily ready)
     restarts: int = 0       # crashes since the workload was created
     problems: list[str] = field(default_factory=list)  # e.g. "replica 1 keeps crashing: ..."
+    # the instance names of its current replicas (as their endpoints are named), so that a
+    # dead replica's endpoint, still there until its lease runs out, is not counted as
+    # ready; None when the backend cannot tell
+    instances: frozenset[str] | None = None
 
 
 def spec_hash(spec: rpb.RuntimeSpec) -> str:
@@ -50,5 +54,8 @@ class Backend(Protocol):
         ...
 
     async def close(self) -> None:
-        """Release what the backend holds (the local backend stops its processes)."""
+        """Stop acting and let go of what this process holds: the local backend stops its
+        replica processes (they cannot outlive it); a kubernetes backend leaves its
+        Deployments running. Called when leadership is lost and on shutdown; the backend
+        may be used again after."""
         ...

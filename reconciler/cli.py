@@ -4,16 +4,45 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import socket
 import tempfile
+from collections.abc import Callable
 
 from modelgw.registry.keys import DEFAULT_PREFIX
 
 log = logging.getLogger(__name__)
+
+
+def _positive(number: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = number(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a positive {'whole ' if number is int else ''}number")
+        return value
+
+    return parse
+
+
+def _etcd_endpoint(text: str) -> str:
+    from modelgw.registry.etcd import parse_endpoint
+
+    try:
+        parse_endpoint(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _prefix(text: str) -> str:
+    if not text.startswith("/"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a key prefix (it starts with '/')")
+    return text
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,11 +53,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "runtimes in the registry. Several reconcilers may run: one leads, the others stand by.",
     )
     p.add_argument("--backend", choices=["local", "kubernetes"], default="local")
-    p.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoint HOST:PORT (default %(default)s)")
-    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="registry key prefix (default %(default)s)")
+    p.add_argument("--etcd", type=_etcd_endpoint, default="127.0.0.1:2379", help="etcd endpoint HOST:PORT (default %(default)s)")
+    p.add_argument("--prefix", type=_prefix, default=DEFAULT_PREFIX, help="registry key prefix (default %(default)s)")
     p.add_argument("--identity", default=None, help="this reconciler's name in the election (default host-pid)")
-    p.add_argument("--lease-ttl", type=int, default=10, help="leader and endpoint lease TTL in seconds")
-    p.add_argument("--resync-seconds", type=float, default=5.0, help="reconcile at least this often")
+    p.add_argument("--lease-ttl", type=_positive(int), default=10,
+                   help="leader and endpoint lease TTL in seconds: a standby takes over, and a dead "
+                        "replica's endpoint goes, within about this long (default %(default)s)")
+    p.add_argument("--resync-seconds", type=_positive(float), default=5.0,
+                   help="reconcile at least this often, changes or not (default %(default)s)")
     p.add_argument("--data-dir", default=None, help="local backend: where replica logs go")
     p.add_argument("--host", default="127.0.0.1", help="local backend: address replicas listen on")
     p.set_defaults(func=run)
@@ -53,15 +85,29 @@ async def _run(args: argparse.Namespace) -> int:
     store = RegistryStore(args.etcd, prefix=args.prefix)
     reconciler = Reconciler(store, backend, identity, resync_seconds=args.resync_seconds, lease_ttl=args.lease_ttl)
     task = asyncio.ensure_future(reconciler.run())
+
+    def stop() -> None:
+        # once: a second signal must not cut short the replicas' graceful stop
+        if not task.cancelling():
+            log.info("stopping: replicas first, then the leadership")
+            task.cancel()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(sig, stop)
     log.info("reconciler %s started (backend %s, etcd %s, logs in %s)", identity, backend.name, args.etcd, data_dir)
-    with contextlib.suppress(asyncio.CancelledError):
+    code = 0
+    try:
         await task
-    await backend.close()
-    await store.close()
-    return 0
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        log.exception("the reconciler failed")
+        code = 1
+    finally:
+        await backend.close()
+        await store.close()
+    return code
 
 
 def run(args: argparse.Namespace) -> int:

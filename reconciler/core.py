@@ -1,17 +1,17 @@
 """The backend-neutral reconciler: desired runtimes (registry) -> workloads (backend).
 
-Each pass reads the desired runtimes from the registry view, observes the backend's
-workloads, acts on the difference (ensure what is missing or outdated, remove what is no
-longer wanted) and writes what it saw to status/runtimes/<name>. A pass runs on every
-registry change and every `resync_seconds`, and only while this reconciler leads.
-Readiness comes from the registry, not the backend: a replica is ready when its
-endpoint says so, whatever runs it.
+Each pass reads the desired runtimes from the registry, observes the backend's workloads,
+acts on the difference (ensure what is missing or outdated, remove what is no longer
+wanted) and writes what it saw to status/runtimes/<name>, only when that changed. A pass
+runs when a registry change matters to it (a runtime changed; a replica's endpoint came,
+went or changed readiness; someone else touched a status) and every `resync_seconds`,
+and only while this reconciler leads. Readiness comes from the registry, not the backend:
+a replica is ready when its endpoint says so, whatever runs it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -21,8 +21,9 @@ from modelgw.protos import registry_pb2 as rpb
 from modelgw.reconciler.backend import Backend, Workload, spec_hash
 from modelgw.reconciler.election import LeaderElection
 from modelgw.registry.errors import NotFoundError, RegistryError
+from modelgw.registry.keys import Section
 from modelgw.registry.store import RegistryStore
-from modelgw.registry.view import RegistryView
+from modelgw.registry.view import Change, RegistryView
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,11 @@ def plan(desired: dict[str, rpb.RuntimeSpec], observed: dict[str, Workload]) -> 
 def runtime_status(
     spec: rpb.RuntimeSpec, workload: Workload | None, endpoints: list[rpb.Endpoint], backend: str, revision: int
 ) -> rpb.RuntimeStatus:
-    """What is true of a runtime now, as conditions a person can read."""
+    """What is true of a runtime now, as conditions a person can read (no timestamps: the
+    caller stamps them when it writes)."""
+    if workload is not None and workload.instances is not None:
+        # a crashed replica's endpoint stays until its lease runs out: count only live ones
+        endpoints = [e for e in endpoints if e.instance in workload.instances]
     ready = sum(1 for e in endpoints if e.ready)
     status = rpb.RuntimeStatus(
         name=spec.name,
@@ -72,16 +77,18 @@ def runtime_status(
         message=f"{running} running, {ready} ready, {spec.replicas} desired",
     )
     problems = workload.problems if workload else []
+    restarts = workload.restarts if workload else 0
     status.conditions.add(
         type="Degraded",
         status="True" if problems else "False",
         reason="ReplicaFailures" if problems else "NoFailures",
-        message="; ".join(problems) if problems else f"{workload.restarts if workload else 0} restarts so far",
+        message="; ".join(problems) if problems else f"{restarts} restart{'' if restarts == 1 else 's'} so far",
     )
     return status
 
 
-def _same_status(a: rpb.RuntimeStatus | None, b: rpb.RuntimeStatus) -> bool:
+def same_status(a: rpb.RuntimeStatus | None, b: rpb.RuntimeStatus) -> bool:
+    """Equal but for timestamps."""
     if a is None:
         return False
     x, y = rpb.RuntimeStatus(), rpb.RuntimeStatus()
@@ -94,6 +101,19 @@ def _same_status(a: rpb.RuntimeStatus | None, b: rpb.RuntimeStatus) -> bool:
     return x == y
 
 
+def stamp(status: rpb.RuntimeStatus, previous: rpb.RuntimeStatus | None, now: Timestamp) -> None:
+    """Set updated_at, and each condition's last_transition_time: kept from `previous`
+    while the condition's status stays the same, `now` when it flips."""
+    status.updated_at.CopyFrom(now)
+    before = {c.type: c for c in previous.conditions} if previous is not None else {}
+    for condition in status.conditions:
+        old = before.get(condition.type)
+        if old is not None and old.status == condition.status and old.HasField("last_transition_time"):
+            condition.last_transition_time.CopyFrom(old.last_transition_time)
+        else:
+            condition.last_transition_time.CopyFrom(now)
+
+
 class Reconciler:
     def __init__(
         self,
@@ -104,59 +124,98 @@ class Reconciler:
         resync_seconds: float = 5.0,
         lease_ttl: int = 10,
     ) -> None:
+        if resync_seconds <= 0:
+            raise ValueError(f"resync_seconds must be positive, not {resync_seconds}")
         self.store = store
         self.backend = backend
         self.view = RegistryView(store)
         self.election = LeaderElection(store, identity, ttl=lease_ttl)
         self.resync_seconds = resync_seconds
         self._wake = asyncio.Event()
-        self._written: dict[str, rpb.RuntimeStatus] = {}
+        # runtime -> (the status we wrote, the etcd revision of that write)
+        self._written: dict[str, tuple[rpb.RuntimeStatus, int]] = {}
         self.leading = False
 
     async def run(self) -> None:
-        """Follow the registry and reconcile while leading; runs until cancelled."""
+        """Follow the registry and reconcile while leading; runs until cancelled. On the
+        way out the backend lets go of its workloads before the leadership is given up,
+        so a standby never runs its replicas next to ours."""
         await self.view.start(wait=False)
         unsubscribe = self.view.subscribe(self._on_change)
         try:
             while True:
                 await self.election.acquire()
                 self.leading = True
-                await self.view.synced.wait()
-                lost = asyncio.ensure_future(self.election.lost())
                 try:
-                    await self._lead(lost)
+                    await self._lead()
                 finally:
                     self.leading = False
-                    lost.cancel()
-                # leadership is gone: another reconciler owns the workloads now
-                log.warning("stopping local workloads after losing leadership")
-                await self._release_workloads()
+                # etcd gave the leadership to another reconciler: it owns the workloads now
+                log.warning("lost the leadership: letting go of this process's workloads")
+                await self._release()
         finally:
             unsubscribe()
             self.leading = False
-            with contextlib.suppress(Exception):
-                await self.election.resign()
+            await self._release()
+            await self.election.resign()
             await self.view.stop()
 
-    async def _release_workloads(self) -> None:
-        for name in list((await self.backend.observe()).keys()):
-            await self.backend.remove(name)
+    async def _release(self) -> None:
+        self._written.clear()
+        try:
+            await self.backend.close()
+        except Exception:
+            log.exception("the %s backend failed to let go of its workloads", self.backend.name)
 
-    def _on_change(self, changes: object) -> None:
-        self._wake.set()
+    def _on_change(self, changes: list[Change]) -> None:
+        if any(self._matters(change) for change in changes):
+            self._wake.set()
 
-    async def _lead(self, lost: asyncio.Future) -> None:
-        while not lost.done():
-            self._wake.clear()
-            try:
-                await self.reconcile_once()
-            except RegistryError as exc:
-                log.warning("reconcile pass failed (will retry): %s", exc)
-            waiter = asyncio.ensure_future(self._wake.wait())
-            await asyncio.wait({waiter, lost}, timeout=self.resync_seconds, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
+    def _matters(self, change: Change) -> bool:
+        """Whether a registry change can change what a pass does or writes. Endpoints
+        rewrite their record for every model state and load figure change, and our own
+        status writes come back here too: those alone must not cause passes."""
+        if change.section is Section.RUNTIME:
+            return True
+        if change.section is Section.ENDPOINT:
+            return change.old is None or change.new is None or change.old.ready != change.new.ready
+        if change.section is Section.RUNTIME_STATUS:
+            written = self._written.get(change.name)
+            return change.new is None or written is None or not same_status(written[0], change.new)
+        return False
+
+    async def _lead(self) -> None:
+        lost = asyncio.ensure_future(self.election.lost())
+        try:
+            synced = asyncio.ensure_future(self.view.synced.wait())
+            await asyncio.wait({synced, lost}, return_when=asyncio.FIRST_COMPLETED)
+            synced.cancel()
+            failing = False
+            while not lost.done():
+                self._wake.clear()
+                try:
+                    await self.reconcile_once()
+                except RegistryError as exc:  # etcd unreachable, mostly: once per outage
+                    if not failing:
+                        log.warning("reconcile pass failed (will retry): %s", exc)
+                    failing = True
+                except Exception:
+                    log.exception("reconcile pass failed (will retry)")
+                    failing = True
+                else:
+                    if failing:
+                        log.info("reconcile passes work again")
+                    failing = False
+                if failing:  # do not spin on a failure that changes keep triggering
+                    await asyncio.wait({lost}, timeout=min(1.0, self.resync_seconds))
+                waiter = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait({waiter, lost}, timeout=self.resync_seconds, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+        finally:
+            lost.cancel()
 
     async def reconcile_once(self) -> Plan:
+        """One pass: act on the difference, then write the statuses that changed."""
         # read the runtimes from etcd, not the view: their revisions go into the status
         records = (await self.store.list_runtimes()).runtimes
         desired = {r.spec.name: r.spec for r in records}
@@ -169,11 +228,21 @@ class Reconciler:
         for name in todo.remove:
             log.info("runtime %s: no longer in the registry, removing its workload", name)
             await self.backend.remove(name)
-            self._written.pop(name, None)
+        for name in [n for n in self._written if n not in desired]:
+            del self._written[name]
         if todo.ensure or todo.remove:
             observed = await self.backend.observe()
         await self._write_statuses(desired, observed, revisions)
         return todo
+
+    def _last_status(self, name: str) -> rpb.RuntimeStatus | None:
+        """The status etcd holds for a runtime: what we last wrote until the view has
+        caught up with that write, then the view's (which also sees deletions and other
+        writers)."""
+        written = self._written.get(name)
+        if written is not None and self.view.revision < written[1]:
+            return written[0]
+        return self.view.statuses.get(name)
 
     async def _write_statuses(
         self, desired: dict[str, rpb.RuntimeSpec], observed: dict[str, Workload], revisions: dict[str, int]
@@ -181,15 +250,14 @@ class Reconciler:
         for name, spec in desired.items():
             endpoints = self.view.endpoints_of(name)
             status = runtime_status(spec, observed.get(name), endpoints, self.backend.name, revisions[name])
-            if _same_status(self._written.get(name) or self.view.statuses.get(name), status):
+            previous = self._last_status(name)
+            if same_status(previous, status):
                 continue
             now = Timestamp()
             now.GetCurrentTime()
-            status.updated_at.CopyFrom(now)
-            for condition in status.conditions:
-                condition.last_transition_time.CopyFrom(now)
+            stamp(status, previous, now)
             try:
-                await self.store.put_runtime_status(status)
-                self._written[name] = status
+                revision = await self.store.put_runtime_status(status)
             except NotFoundError:
-                pass  # deleted meanwhile; the next pass removes its workload
+                continue  # deleted meanwhile; the next pass removes its workload
+            self._written[name] = (status, revision)

@@ -1,10 +1,12 @@
 """The local backend: each runtime replica is a supervised process on this machine.
 
 A replica runs `modelgw runtime serve --registry ...` on a free loopback port and
-registers itself in etcd; the supervisor restarts it with exponential backoff when it
+registers itself in etcd (its address is in its endpoint record, its output in
+<log dir>/<instance>.log); the supervisor restarts it with exponential backoff when it
 exits, under a new instance name (as a new pod would be), so the dead one's endpoint
 record expires with its lease. Replicas die with the reconciler that started them
-(PR_SET_PDEATHSIG, see modelgw.process), so a standby that takes over never finds orphans competing with it.
+(PR_SET_PDEATHSIG, see modelgw.process), so a standby that takes over never finds
+orphans competing with it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import contextlib
 import logging
 import os
 import secrets
-import signal
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,10 @@ from modelgw.reconciler.backend import Workload
 log = logging.getLogger(__name__)
 
 class Replica:
-    """One slot of a runtime: a process, restarted whenever it exits until stopped."""
+    """One slot of a runtime: a process, restarted whenever it exits, until stopped.
+
+    Only the supervising task starts and ends processes; stop() asks it to and waits, so
+    a stop that comes while a restart is under way cannot leave a process behind."""
 
     def __init__(self, group: "ProcessGroup", slot: int) -> None:
         self.group = group
@@ -37,25 +41,34 @@ class Replica:
         self.restarts = 0
         self.recent_crashes: list[float] = []
         self.last_exit: int | None = None
-        self.stopping = False
+        self.last_error = ""  # why the last start failed, if it did
+        self.grace = group.backend.stop_grace
+        self._stop = asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self._supervise(), name=f"replica-{group.spec.name}-{slot}")
 
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.returncode is None
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     async def _supervise(self) -> None:
         backoff = 0.5
+        name = self.group.spec.name
         while not self.stopping:
-            self.instance = f"{self.group.spec.name}-{self.slot}-{secrets.token_hex(3)}"
+            self.instance = f"{name}-{self.slot}-{secrets.token_hex(3)}"
             started = time.monotonic()
             try:
-                self.process = await self.group.backend.spawn(self.group.spec, self.instance)
-            except OSError as exc:
-                log.error("runtime %s: cannot start replica %d: %s", self.group.spec.name, self.slot, exc)
-                code = -1
+                process = await self.group.backend.spawn(self.group.spec, self.instance)
+            except (OSError, ValueError) as exc:
+                log.error("runtime %s: cannot start replica %d: %s", name, self.slot, exc)
+                code, self.last_error = -1, f"cannot start: {exc}"
             else:
-                code = await self.process.wait()
+                self.process = process
+                code = await self._run(process)
+                self.last_error = ""
             if self.stopping:
                 return
             self.last_exit = code
@@ -65,29 +78,39 @@ class Replica:
             if now - started > 60:
                 backoff = 0.5  # it ran for a while: this is a fresh failure, not a crash loop
             log.warning(
-                "runtime %s: replica %s exited with code %s; restarting in %.1fs",
-                self.group.spec.name, self.instance, code, backoff,
+                "runtime %s: replica %s exited with code %s; restarting in %.1fs (log: %s)",
+                name, self.instance, code, backoff, self.group.backend.log_path(self.instance),
             )  # fmt: skip
-            await asyncio.sleep(backoff)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), backoff)
             backoff = min(backoff * 2, 30.0)
 
-    async def stop(self, grace: float) -> None:
-        """SIGTERM (the runtime drains and deregisters), SIGKILL after `grace` seconds."""
-        self.stopping = True
-        process = self.process
-        if process is not None and process.returncode is None:
+    async def _run(self, process: asyncio.subprocess.Process) -> int:
+        """Wait for the process to exit; when asked to stop first, SIGTERM it (the runtime
+        drains and deregisters) and SIGKILL it after the grace period. Its exit code."""
+        exited = asyncio.ensure_future(process.wait())
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not exited.done():
+            log.info("runtime %s: stopping replica %s (pid %d)", self.group.spec.name, self.instance, process.pid)
             with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
+                process.terminate()
             try:
-                await asyncio.wait_for(process.wait(), grace)
+                await asyncio.wait_for(asyncio.shield(exited), self.grace)
             except asyncio.TimeoutError:
-                log.warning("replica %s did not stop within %.0fs; killing it", self.instance, grace)
+                log.warning("replica %s did not stop within %.0fs; killing it", self.instance, self.grace)
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
-                await process.wait()
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
+        return await exited
+
+    async def stop(self, grace: float) -> None:
+        """Stop the replica for good (SIGTERM, SIGKILL after `grace` seconds) and wait."""
+        self.grace = grace
+        self._stop.set()
+        await self.task
 
 
 class ProcessGroup:
@@ -107,9 +130,10 @@ class ProcessGroup:
         problems = []
         for r in self.replicas:
             if len(r.recent_crashes) >= 3:
+                why = r.last_error or f"see {self.backend.log_path(r.instance)}"
                 problems.append(
                     f"replica {r.slot} keeps crashing (last exit code {r.last_exit}, "
-                    f"{len(r.recent_crashes)} exits in 2 minutes); see {self.backend.log_path(r.instance)}"
+                    f"{len(r.recent_crashes)} exits in 2 minutes); {why}"
                 )
         return Workload(
             runtime=self.spec.name,
@@ -118,6 +142,7 @@ class ProcessGroup:
             running=sum(1 for r in self.replicas if r.running),
             restarts=sum(r.restarts for r in self.replicas),
             problems=problems,
+            instances=frozenset(r.instance for r in self.replicas if r.running),
         )
 
 
@@ -156,7 +181,11 @@ class LocalBackend:
             runtime=spec.name, instance=instance, kind=spec.kind,
         )  # fmt: skip
         if spec.command:
-            return [part.format(**values) for part in spec.command]
+            try:
+                return [part.format(**values) for part in spec.command]
+            except (KeyError, IndexError, ValueError) as exc:
+                known = " ".join(f"{{{k}}}" for k in values)
+                raise ValueError(f"runtimes/{spec.name}: command: bad placeholder {exc} (known: {known})") from None
         argv = [
             self.python, "-m", "modelgw", "runtime", "serve",
             "--kind", spec.kind,
@@ -167,13 +196,17 @@ class LocalBackend:
             "--runtime", spec.name,
             "--instance", instance,
             "--lease-ttl", str(self.lease_ttl),
+            # drain within the time we give it before SIGKILL
+            "--drain-timeout", f"{max(1.0, self.stop_grace - 2):g}",
         ]  # fmt: skip
         for key, value in sorted(spec.options.items()):
             argv += ["--option", f"{key}={value}"]
         return argv
 
     async def spawn(self, spec: rpb.RuntimeSpec, instance: str) -> asyncio.subprocess.Process:
-        port = free_port(self.host)
+        # `modelgw runtime serve` binds any free port itself and registers it (no race for
+        # a port picked here); a custom command gets a port that is free right now
+        port = free_port(self.host) if spec.command else 0
         argv = self.argv(spec, instance, port)
         # the replica arms PR_SET_PDEATHSIG itself (modelgw.process): it dies with us
         env = {**os.environ, **dict(spec.env), PARENT_PID_ENV: str(os.getpid())}
@@ -182,7 +215,7 @@ class LocalBackend:
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
                 env=env,
             )  # fmt: skip
-        log.info("runtime %s: started replica %s (pid %d, port %d)", spec.name, instance, process.pid, port)
+        log.info("runtime %s: started replica %s (pid %d)", spec.name, instance, process.pid)
         return process
 
     async def observe(self) -> dict[str, Workload]:

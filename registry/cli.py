@@ -9,7 +9,9 @@ The file format is described in modelgw.registry.files. The commands talk to the
 RegistryService (`--server HOST:PORT`, default 127.0.0.1:8001 where the gateway mounts
 it), or straight to etcd with `--etcd HOST:PORT` (to bootstrap before a gateway runs;
 --etcd wins when both are given).
-$MODELGW_SERVER, $MODELGW_ETCD and $MODELGW_PREFIX set the defaults. A failure prints one
+The gateway's RegistryService needs a bearer token with the admin scope: --token TOKEN
+or $MODELGW_TOKEN (e.g. `export MODELGW_TOKEN=$(modelgw token --sub me --scope modelgw:admin)`
+with `modelgw up`). $MODELGW_SERVER, $MODELGW_ETCD and $MODELGW_PREFIX set the defaults. A failure prints one
 line on stderr and exits with status 1.
 """
 
@@ -63,6 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"registry key prefix in etcd, with --etcd (default: {DEFAULT_PREFIX})",
     )
     where.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default: 10)")
+    where.add_argument(
+        "--token",
+        default=os.environ.get("MODELGW_TOKEN"),
+        help="bearer token for the RegistryService, with the admin scope (default: $MODELGW_TOKEN)",
+    )
 
     apply = subparsers.add_parser(
         "apply",
@@ -120,7 +127,7 @@ def _registry(args: argparse.Namespace):
         return RegistryStore(args.etcd, prefix=args.prefix, timeout=args.timeout)
     from modelgw.registry.client import RegistryClient
 
-    return RegistryClient(args.server, timeout=args.timeout)
+    return RegistryClient(args.server, timeout=args.timeout, token=args.token)
 
 
 def _expand(paths: list[str]) -> list[str]:

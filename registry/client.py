@@ -1,9 +1,12 @@
 """An asyncio client of the RegistryService with the store's method names and errors, so
 code written against RegistryStore (the CLI, scripts) works over gRPC unchanged:
 
-    async with RegistryClient("127.0.0.1:8001") as registry:
+    async with RegistryClient("127.0.0.1:8001", token=os.environ["MODELGW_TOKEN"]) as registry:
         result = await registry.apply_model(spec)          # ApplyModelResponse
         await registry.delete_model("resnet")
+
+The gateway's RegistryService needs a bearer token with its admin scope (`token`, sent
+as `authorization: Bearer ...` on every call).
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ _ERRORS: dict[grpc.StatusCode, type[RegistryError]] = {
 
 
 class RegistryClient:
-    def __init__(self, target: str = "127.0.0.1:8001", *, timeout: float = 10.0) -> None:
+    def __init__(self, target: str = "127.0.0.1:8001", *, timeout: float = 10.0, token: str | None = None) -> None:
         self.target = target
         self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._channel = grpc.aio.insecure_channel(target)
         self._stub = rpb_grpc.RegistryServiceStub(self._channel)
 
@@ -60,13 +64,16 @@ class RegistryClient:
             return ConflictError(details, int(revision) if str(revision).isdigit() else 0)
         if code == grpc.StatusCode.OUT_OF_RANGE:
             return CompactedError(0)
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            hint = "" if self._metadata else "; pass --token or set $MODELGW_TOKEN"
+            return RegistryError(f"the registry service at {self.target} refused the request: {details}{hint}")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "etcd" not in details:
             return UnavailableError(f"registry service at {self.target} is unreachable: {details}")
         return _ERRORS.get(code, RegistryError)(details or code.name)
 
     async def _call(self, method, request):
         try:
-            return await method(request, timeout=self.timeout)
+            return await method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None
 
@@ -105,7 +112,7 @@ class RegistryClient:
 
     async def watch(self, start_revision: int = 0) -> AsyncIterator[rpb.WatchEvent]:
         """WatchEvents until cancelled; raises the registry errors like the store's watch."""
-        call = self._stub.Watch(rpb.WatchRequest(start_revision=start_revision))
+        call = self._stub.Watch(rpb.WatchRequest(start_revision=start_revision), metadata=self._metadata)
         try:
             async for event in call:
                 yield event

@@ -53,17 +53,23 @@ class Lease:
     async def _keep_alive(self) -> None:
         interval = max(self.ttl / 3.0, 0.2)
         retry = min(interval, 1.0)
+        failing = False
         while True:
             try:
                 remaining = await self._etcd.keep_alive_once(self.id)
             except RegistryError as exc:
-                log.warning("lease %x: keep-alive failed, retrying: %s", self.id, exc)
+                if not failing:  # once per outage, not every retry
+                    log.warning("lease %x: keep-alive failed, retrying: %s", self.id, exc)
+                failing = True
                 await asyncio.sleep(retry)
                 continue
             if remaining <= 0:
                 log.warning("lease %x has expired; its keys are gone", self.id)
                 self.lost.set()
                 return
+            if failing:
+                log.info("lease %x: kept alive again", self.id)
+                failing = False
             self.last_refreshed = time.monotonic()
             await asyncio.sleep(interval)
 

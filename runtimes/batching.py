@@ -14,6 +14,7 @@ Both expose `queue_depth` and `in_flight` (requests), published later as load fi
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import deque
@@ -108,7 +109,9 @@ class DirectRunner:
         try:
             if self._average < self._inline_below:
                 return self._timed(inputs, parameters)
-            return await self._loop.run_in_executor(self._executor, self._timed, inputs, parameters)
+            # in the request's context: request_metadata() works in a pooled predict too
+            call = contextvars.copy_context().run
+            return await self._loop.run_in_executor(self._executor, call, self._timed, inputs, parameters)
         finally:
             self.in_flight -= 1
 

@@ -238,8 +238,9 @@ async def _register(args: argparse.Namespace, server):
         address=address,
         lease_ttl=args.lease_ttl,
     )
+    log.info("registering as %s/%s in etcd %s (prefix %s)", args.runtime, registration.instance, args.registry,
+             args.prefix)
     await registration.start()
-    log.info("registered as %s/%s in etcd %s", args.runtime, registration.instance, args.registry)
     return registration
 
 

@@ -21,11 +21,16 @@ without batching; with batching when max concurrent batches > 1): guard shared s
 
 A streaming (decoupled) model implements `generate` instead of (or as well as) predict:
 an async or plain generator yielding one output dict per response.
+
+`request_metadata()` in predict or generate gives the gRPC metadata of the request being
+answered, e.g. `x-modelgw-subject`: the caller the gateway verified. It is empty under
+dynamic batching, where one predict call answers several callers.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,16 +40,27 @@ from modelgw.runtimes.codec import DATATYPES
 
 Tensors = dict[str, np.ndarray]
 
+# the invocation metadata of the request being answered; set by the runtime server
+REQUEST_METADATA: ContextVar[tuple[tuple[str, str | bytes], ...]] = ContextVar("modelgw_request_metadata", default=())
+
+
+def request_metadata() -> dict[str, str]:
+    """The text metadata of the request being answered (lower-case keys). Inside predict
+    without dynamic batching, and inside generate; elsewhere empty."""
+    return {key: value for key, value in REQUEST_METADATA.get() if isinstance(value, str)}
+
 
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
-    """A named, typed, shaped tensor of a model's signature (-1: any size)."""
+    """A named, typed, shaped tensor of a model's signature (-1: any size). An optional
+    input may be left out of a request (like Triton's `optional: true`)."""
 
     name: str
     datatype: str
     shape: tuple[int, ...]
+    optional: bool
 
-    def __init__(self, name: str, datatype: str, shape: Sequence[int]) -> None:
+    def __init__(self, name: str, datatype: str, shape: Sequence[int], optional: bool = False) -> None:
         datatype = datatype.upper()
         if datatype not in DATATYPES:
             raise ValueError(
@@ -57,17 +73,21 @@ class TensorSpec:
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "datatype", datatype)
         object.__setattr__(self, "shape", dims)
+        object.__setattr__(self, "optional", bool(optional))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TensorSpec:
         """From {"name": ..., "datatype": ..., "shape": [...]} (sidecar files, registry)."""
         try:
-            return cls(str(data["name"]), str(data["datatype"]), list(data["shape"]))
+            return cls(str(data["name"]), str(data["datatype"]), list(data["shape"]), bool(data.get("optional", False)))
         except KeyError as missing:
             raise ValueError(f"tensor spec {dict(data)} lacks {missing}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+        data = {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+        if self.optional:
+            data["optional"] = True
+        return data
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,7 +93,6 @@ class EndpointRegistration:
         self.loaded: dict[tuple[str, str], Assignment] = {}
         self.started_at = Timestamp()
         self.assigned = asyncio.Event()  # the first assignment from etcd has been acted on
-        self.registrations = 0  # leases granted: 1 + re-registrations after a lost lease
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._last_load: tuple = ()
@@ -133,13 +132,12 @@ class EndpointRegistration:
                 if self.lease is not None:
                     log.warning("%s: lease %x is gone (expired or revoked): registering again", self.what, self.lease.id)
                 self.lease = await self.store.grant_lease(self.lease_ttl)
-                self.registrations += 1
                 log.info("%s: registered under lease %x", self.what, self.lease.id)
             ep = self.endpoint()
             try:
                 await self.store.put_endpoint(ep, self.lease)
             except LeaseNotFoundError:
-                # expired before its keeper noticed: stop the keeper, grant anew
+                log.warning("%s: lease %x expired before its keeper noticed: registering again", self.what, self.lease.id)
                 await self.lease.stop()
                 self.lease = None
                 continue
@@ -219,7 +217,7 @@ class EndpointRegistration:
                 await asyncio.sleep(self.load_interval)
                 continue
             if self._failing:
-                log.info("%s: record written again", self.what)
+                log.info("%s: record written (etcd is reachable again)", self.what)
                 self._failing = False
 
     async def _follow_repository(self) -> None:

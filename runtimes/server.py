@@ -30,6 +30,7 @@ ready; each model name is a service of its own, SERVING while a version of it is
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from types import MappingProxyType
@@ -42,9 +43,9 @@ from grpc_health.v1.health import aio as health_aio
 import modelgw
 from modelgw.protos import inference_pb2 as pb
 from modelgw.protos import inference_pb2_grpc as pb_grpc
-from modelgw.runtimes.codec import TensorError, add_output, decode_request_inputs, parameters_dict
+from modelgw.runtimes.codec import TensorError, add_output, decode_request_inputs, parameters_dict, set_parameter
 from modelgw.runtimes.errors import InferenceError, InvalidInput
-from modelgw.runtimes.model import Tensors
+from modelgw.runtimes.model import REQUEST_METADATA, Tensors
 from modelgw.runtimes.repository import ModelRepository, ModelState, ServedModel
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,16 @@ def _fill(response: pb.ModelInferResponse, served: ServedModel, outputs: Tensors
             add_output(response, name, array, datatypes.get(name))
         except (TensorError, TypeError, ValueError) as exc:
             raise InferenceError(f"model '{served.name}' returned a bad output '{name}': {exc}") from exc
+    _set_response_parameters(response, outputs)
+
+
+def _set_response_parameters(response: pb.ModelInferResponse, outputs: Tensors | None) -> None:
+    """Response parameters a model returns as `outputs.parameters` (a dict subclass with
+    that attribute, e.g. the LLM runtime's token counts and finish reason)."""
+    parameters = getattr(outputs, "parameters", None)
+    if parameters:
+        for key, value in parameters.items():
+            set_parameter(response.parameters, key, value)
 
 
 def _stream_response(served: ServedModel, request: pb.ModelInferRequest, outputs: Tensors | None,
@@ -147,6 +158,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- inference
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        REQUEST_METADATA.set(context.invocation_metadata() or ())  # for request_metadata() in predict
         try:
             served = self.repository.get(request.model_name, request.model_version)
             if not served.can_predict:
@@ -154,7 +166,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     f"model '{served.name}' streams its responses; call ModelStreamInfer"
                 )
             inputs, parameters, names, rows = _prepare(served, request)
-            outputs = await served.runner.submit(inputs, parameters, rows)
+            if inspect.iscoroutinefunction(served.model.predict):
+                outputs = await self._predict_async(served, inputs, parameters)
+            else:
+                outputs = await served.runner.submit(inputs, parameters, rows)
             response = pb.ModelInferResponse(
                 model_name=served.name, model_version=served.version, id=request.id
             )
@@ -172,6 +187,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        REQUEST_METADATA.set(context.invocation_metadata() or ())  # inherited by the tasks below
         reader = asyncio.create_task(self._read_stream(request_iterator, responses.put_nowait))
         try:
             while (message := await responses.get()) is not None:
@@ -221,8 +237,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     else:
                         if held is not None:
                             emit(_stream_response(served, request, held, names, final=False))
-                        held = outputs
-                emit(_stream_response(served, request, None if empty_final else held, names, final=True))
+                    held = outputs
+                final = _stream_response(served, request, None if empty_final else held, names, final=True)
+                if empty_final:  # the final response carries the last one's parameters too
+                    _set_response_parameters(final.infer_response, held)
+                emit(final)
             finally:
                 served.streams -= 1
         except (InferenceError, TensorError) as exc:
@@ -232,6 +251,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:
             log.exception("stream request for model '%s' failed", request.model_name)
             emit(pb.ModelStreamInferResponse(error_message=f"internal error: {type(exc).__name__}: {exc}"))
+
+    async def _predict_async(self, served: ServedModel, inputs: Tensors, parameters: Mapping[str, Any]) -> Tensors:
+        """An `async def predict` (e.g. the LLM runtime, which awaits its engine) runs on the
+        event loop, unbatched; counted like a stream while it runs. If the call is
+        cancelled, so is the predict coroutine."""
+        served.streams += 1
+        try:
+            outputs = await served.model.predict(inputs, parameters)
+        except (InferenceError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.exception("model '%s': predict failed", served.name)
+            raise InferenceError(f"model '{served.name}' failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            served.streams -= 1
+        if not isinstance(outputs, Mapping):
+            raise InferenceError(f"model '{served.name}' returned {type(outputs).__name__} from predict, "
+                                 "expected a dict of output name -> array")
+        return outputs
 
     async def _generate(self, served: ServedModel, inputs: Tensors,
                         parameters: Mapping[str, Any]) -> AsyncIterator[Tensors]:
@@ -319,6 +357,15 @@ class RuntimeServer:
     def load_figures(self) -> list:
         """Per served model: queue depth, in-flight requests, predict calls."""
         return self.repository.load_figures()
+
+    def extra_load_figures(self, load: Any) -> None:
+        """Model-level figures for the endpoint record (registration.py calls this): every
+        served model with an `add_load_figures(load)` hook (the LLM runtime: queued and
+        running sequences, KV-cache use) adds its own to the LoadFigures message."""
+        for served in self.repository.served():
+            hook = getattr(served.model, "add_load_figures", None)
+            if hook is not None:
+                hook(load)
 
     async def stop(self, grace: float | None = 30.0) -> None:
         """Graceful shutdown: not ready, refuse new RPCs, let in-flight ones finish (up to

@@ -32,12 +32,13 @@ class RequestValidator:
     A model that declares no inputs (or no outputs) accepts any (free-form python models).
     """
 
-    __slots__ = ("_model", "_inputs", "_input_names", "_outputs", "_max_batch_size")
+    __slots__ = ("_model", "_inputs", "_input_names", "_required", "_outputs", "_max_batch_size")
 
     def __init__(self, model_name: str, metadata: ModelMetadata) -> None:
         self._model = model_name
         self._inputs: dict[str, TensorSpec] = {s.name: s for s in metadata.inputs}
         self._input_names = ", ".join(self._inputs)
+        self._required = [s.name for s in metadata.inputs if not s.optional]
         self._outputs: dict[str, TensorSpec] = {s.name: s for s in metadata.outputs}
         self._max_batch_size = metadata.max_batch_size
 
@@ -80,13 +81,14 @@ class RequestValidator:
                     )
         if len(tensors) != len(specs):
             given = {t.name for t in tensors}
-            missing = [name for name in specs if name not in given]
+            missing = [name for name in self._required if name not in given]
             if missing:
                 raise InvalidInput(
                     f"input '{missing[0]}' is missing; model '{self._model}' needs inputs: "
-                    f"{self._input_names}"
+                    f"{', '.join(self._required)}"
                 )
-            raise InvalidInput(f"an input of model '{self._model}' is given more than once")
+            if len(given) != len(tensors):
+                raise InvalidInput(f"an input of model '{self._model}' is given more than once")
         if self._max_batch_size:
             if batch < 1 or batch > self._max_batch_size:
                 raise InvalidInput(

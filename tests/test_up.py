@@ -1,4 +1,5 @@
-"""`modelgw up`: one command serves the demo model; a second start finds its registry."""
+"""`modelgw up`: one command serves the demo model to callers with a token from its
+development issuer; a second start finds its registry, and the tokens minted before."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -50,6 +52,15 @@ def stop(process: subprocess.Popen) -> int:
         raise
 
 
+def mint_token(data_dir: Path, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "modelgw", "token", "--data-dir", str(data_dir), *args],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
 def children_of(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
@@ -62,11 +73,18 @@ def test_up_serves_the_demo_model_and_keeps_its_registry(tmp_path: Path) -> None
     process = start_up(data_dir, http_port, grpc_port, log)
     try:
         wait_for_line(log, "modelgw is up", process)
+        printed = log.read_text()
+        assert "modelgw token --sub" in printed and 'Authorization: Bearer $TOKEN' in printed
+        token = mint_token(data_dir, "--sub", "tester", "--scope", "modelgw:admin")
         body = json.dumps(
             {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 4], "data": [0.1, 0.2, 0.3, 0.4, 1, 2, 3, 4]}]}
         ).encode()
+        url = f"http://127.0.0.1:{http_port}/v2/models/demo/infer"
+        with pytest.raises(urllib.error.HTTPError) as refused:  # no token, no prediction
+            urllib.request.urlopen(urllib.request.Request(url, body, {"Content-Type": "application/json"}), timeout=30)
+        assert refused.value.code == 401
         request = urllib.request.Request(
-            f"http://127.0.0.1:{http_port}/v2/models/demo/infer", body, {"Content-Type": "application/json"}
+            url, body, {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             result = json.loads(response.read())
@@ -78,10 +96,12 @@ def test_up_serves_the_demo_model_and_keeps_its_registry(tmp_path: Path) -> None
         np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-6)
 
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
-        assert client.is_model_ready("demo")
+        auth = {"authorization": f"Bearer {token}"}
+        assert client.is_model_ready("demo", headers=auth)
         x = grpcclient.InferInput("input", [1, 4], "FP32")
         x.set_data_from_numpy(np.array([[1, 2, 3, 4]], dtype=np.float32))
-        np.testing.assert_allclose(client.infer("demo", [x]).as_numpy("probabilities"), expected[1:], rtol=1e-5, atol=1e-6)
+        result = client.infer("demo", [x], headers=auth)
+        np.testing.assert_allclose(result.as_numpy("probabilities"), expected[1:], rtol=1e-5, atol=1e-6)
 
         # a model a user applies must survive a restart of `up`
         manifest = tmp_path / "extra.yaml"
@@ -90,7 +110,8 @@ def test_up_serves_the_demo_model_and_keeps_its_registry(tmp_path: Path) -> None
             f"  - {{version: '1', uri: 'file://{data_dir}/models/demo/1/model.pt', format: torchscript, runtime: pytorch}}\n"
         )
         applied = subprocess.run(
-            [sys.executable, "-m", "modelgw", "apply", "-f", str(manifest), "--server", f"127.0.0.1:{grpc_port}"],
+            [sys.executable, "-m", "modelgw", "apply", "-f", str(manifest), "--server", f"127.0.0.1:{grpc_port}",
+             "--token", token],
             capture_output=True, text=True, cwd=REPO, timeout=60,
         )  # fmt: skip
         assert applied.returncode == 0, applied.stderr
@@ -112,6 +133,7 @@ def test_up_serves_the_demo_model_and_keeps_its_registry(tmp_path: Path) -> None
         got = subprocess.run(
             [sys.executable, "-m", "modelgw", "get", "models", "-o", "json", "--server", f"127.0.0.1:{grpc_port}"],
             capture_output=True, text=True, cwd=REPO, timeout=60,
+            env={**os.environ, "MODELGW_TOKEN": token},  # minted before the restart: still valid
         )  # fmt: skip
         assert got.returncode == 0, got.stderr
         listed = json.loads(got.stdout)  # kubectl-style {"kind": "List", "items": [...]}

@@ -30,6 +30,7 @@ BUILTIN_KINDS: dict[str, str] = {
     "pytorch": "modelgw.runtimes.kinds.pytorch:PyTorchModel",
     "onnx": "modelgw.runtimes.kinds.onnx:OnnxModel",
     "python": "modelgw.runtimes.kinds.python:create_python_model",
+    "llm": "modelgw.runtimes.llm.runtime:LLMModel",
 }
 
 _registered: dict[str, ModelFactory | str] = {}

@@ -1,0 +1,277 @@
+"""What the gateway adds: the same model, the same load, direct to the runtime vs through
+`modelgw gateway` (and through nginx `grpc_pass` when nginx is installed).
+
+Everything is started here and stopped on exit (also on Ctrl-C and SIGTERM): a private
+etcd (LocalEtcd), the registry records, one `modelgw runtime serve --kind pytorch`
+replica registered in it, and a `modelgw gateway` routing by it. A bare grpc.aio byte
+proxy (no routing, metrics or metadata; this script in another mode) is measured too:
+the floor of what any Python gRPC hop costs on this machine, so that what the gateway's
+own logic adds can be told apart. The model and the load generator are those of
+bench/runtime_throughput.py: a TorchScript MLP (64 -> 256 x 3 -> 10, FP32, batch 1,
+torch threads 1) and grpc.aio `ModelInfer` with raw bytes in and out, N concurrent
+workers on one channel, each phase bounded by time and a request cap, rounds alternating
+between the targets so that noise from other work on the machine hits all alike. Every
+target's answer is checked against the model before any load.
+
+For each concurrency level (default 1, 16, 64) it prints req/s, p50 and p99 per target,
+the latency the gateway adds (gateway - direct, at p50 and p99) and the throughput
+ratios. On a machine with few cores the load generator, the gateway and the runtime
+share them: the figures are rough, and the gateway's share of the CPU is part of what
+is measured.
+
+Run from the repository root (about 1.5 minutes):
+
+    .venv/bin/python bench/gateway_overhead.py
+    .venv/bin/python bench/gateway_overhead.py --concurrency 16 --duration 10 --keep-logs
+    .venv/bin/python bench/gateway_overhead.py --concurrency 16 --profile-dir /tmp/gw-prof  # py-spy
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import grpc
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+from runtime_throughput import (  # noqa: E402  (a sibling script, not a package)
+    MODEL_NAME,
+    Result,
+    Server,
+    build_model,
+    build_request,
+    check_output,
+    measure,
+    profile,
+    thread_env,
+)
+
+from modelgw.net import free_port  # noqa: E402
+from modelgw.protos import registry_pb2 as rpb  # noqa: E402
+from modelgw.registry.etcd_server import LocalEtcd  # noqa: E402
+from modelgw.registry.store import RegistryStore  # noqa: E402
+
+PREFIX = "/modelgw-bench/v1/"
+RUNTIME = "torch"
+
+
+# ------------------------------------------------------------------ setup
+
+
+async def register(etcd: str, model: Path) -> None:
+    async with RegistryStore(etcd, prefix=PREFIX) as store:
+        await store.apply_runtime(rpb.RuntimeSpec(name=RUNTIME, kind="pytorch", model_formats=["torchscript"], replicas=1))
+        spec = rpb.ModelSpec(name=MODEL_NAME)
+        spec.versions.add(version="1", uri=str(model), format="torchscript", runtime=RUNTIME)
+        await store.apply_model(spec)
+
+
+def runtime_server(etcd: str, args: argparse.Namespace, workdir: Path) -> Server:
+    """The replica, registered in etcd; it loads the model the registry assigns it."""
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "modelgw", "runtime", "serve", "--kind", "pytorch",
+        "--registry", etcd, "--prefix", PREFIX, "--runtime", RUNTIME,
+        "--host", "127.0.0.1", "--port", str(port), "--option", f"threads={args.torch_threads}",
+    ]  # fmt: skip
+    return Server("direct", argv, port, workdir / "runtime.log", thread_env(args.torch_threads))
+
+
+def gateway_server(etcd: str, workdir: Path) -> Server:
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "modelgw", "--log-level", "WARNING", "gateway", "--etcd", etcd, "--prefix", PREFIX,
+        "--host", "127.0.0.1", "--grpc-port", str(port), "--http-port", str(free_port()),
+        "--insecure-no-auth",  # the hop itself is measured; token checks would be extra
+    ]  # fmt: skip
+    return Server("gateway", argv, port, workdir / "gateway.log", thread_env(1))
+
+
+def bare_proxy_server(upstream_port: int, workdir: Path) -> Server:
+    """This script in --serve-bare-proxy mode: the least a Python grpc.aio proxy does."""
+    port = free_port()
+    argv = [sys.executable, str(Path(__file__).resolve()), "--serve-bare-proxy", str(port), f"127.0.0.1:{upstream_port}"]
+    return Server("bare", argv, port, workdir / "bare-proxy.log", thread_env(1))
+
+
+def serve_bare_proxy(port: int, upstream: str) -> None:
+    """Every inference RPC forwarded as bytes over one channel: no routing, no metrics, no
+    metadata; what is left of the gateway's cost when its own logic is taken away."""
+
+    async def run() -> None:
+        channel = grpc.aio.insecure_channel(upstream)
+        methods = {}
+        for name in ("ModelInfer", "ModelReady", "ServerReady"):
+            call = channel.unary_unary(f"/inference.GRPCInferenceService/{name}")
+
+            async def handler(request: bytes, context: grpc.aio.ServicerContext, call=call) -> bytes:
+                return await call(request, timeout=30)
+
+            methods[name] = grpc.unary_unary_rpc_method_handler(handler)  # bytes in, bytes out
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inference.GRPCInferenceService", methods),))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
+def nginx_server(nginx: str, upstream_port: int, workdir: Path) -> Server:
+    """nginx as a plain gRPC reverse proxy in front of the same runtime (one worker)."""
+    port = free_port()
+    root = workdir / "nginx"
+    root.mkdir()
+    (root / "nginx.conf").write_text(
+        f"""
+worker_processes 1;
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    upstream runtime {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        http2 on;
+        location / {{ grpc_pass grpc://runtime; }}
+    }}
+}}
+"""
+    )
+    argv = [nginx, "-p", str(root), "-c", str(root / "nginx.conf")]
+    return Server("nginx", argv, port, workdir / "nginx.log", thread_env(1))
+
+
+# ------------------------------------------------------------------ report
+
+
+def print_table(results: dict[tuple[str, int], Result], levels: list[int], labels: list[str]) -> None:
+    def cols(r: Result | None) -> str:
+        if r is None or not r.requests:
+            return f"{'-':>13} {'-':>7} {'-':>7}"
+        return f"{r.rps:>13.0f} {r.percentile_ms(50):>7.2f} {r.percentile_ms(99):>7.2f}"
+
+    header = " | ".join([f"{'conc':>4}"] + [f"{label + ' req/s':>13} {'p50 ms':>7} {'p99 ms':>7}" for label in labels])
+    header += f" | {'added p50':>9} {'added p99':>9} {'gw/direct':>9}"
+    if "bare" in labels:
+        header += f" {'gw/bare':>8} {'bare +p50':>10}"
+    if "nginx" in labels:
+        header += f" {'gw/nginx':>8} {'nginx +p50':>10}"
+    print(header)
+    print("-" * len(header))
+    for n in levels:
+        line = " | ".join([f"{n:>4}"] + [cols(results.get((label, n))) for label in labels])
+        direct, gateway, bare, nginx = (results.get((label, n)) for label in ("direct", "gateway", "bare", "nginx"))
+        if direct and gateway and direct.requests and gateway.requests:
+            added50 = gateway.percentile_ms(50) - direct.percentile_ms(50)
+            added99 = gateway.percentile_ms(99) - direct.percentile_ms(99)
+            line += f" | {added50:>+7.3f}ms {added99:>+7.3f}ms {gateway.rps / direct.rps:>8.2f}x"
+            for other, width in ((bare, 7), (nginx, 7)):
+                if other is not None and other.requests:
+                    added = other.percentile_ms(50) - direct.percentile_ms(50)
+                    line += f" {gateway.rps / other.rps:>{width}.2f}x {added:>+8.3f}ms"
+        print(line)
+    print("added = gateway minus direct latency; gw/direct = ratio of req/s")
+    if "bare" in labels:
+        print("bare = a bare grpc.aio byte proxy (no routing, metrics or metadata): gw/bare = ratio of req/s, "
+              "bare +p50 = its own added p50, i.e. what Python gRPC costs a hop before any gateway logic")
+    if "nginx" in labels:
+        print("gw/nginx = ratio of req/s against nginx grpc_pass; nginx +p50 = nginx's added p50")
+    for r in results.values():
+        if r.errors:
+            error, count = r.errors.most_common(1)[0]
+            print(f"! {r.server} at concurrency {r.concurrency}: {count} x {error}")
+
+
+# ------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="gateway overhead: direct vs through the gateway (vs nginx)")
+    add = parser.add_argument
+    add("--concurrency", default="1,16,64", help="comma-separated levels (default 1,16,64)")
+    add("--duration", type=float, default=6.0, help="measured s per target and level (default 6)")
+    add("--rounds", type=int, default=3, help="alternating rounds the duration is split into")
+    add("--warmup", type=float, default=1.0, help="warm-up s per target and level (default 1)")
+    add("--max-requests", type=int, default=20_000, help="request cap per phase (default 20000)")
+    add("--torch-threads", type=int, default=1, help="torch intra-op threads of the runtime")
+    add("--no-nginx", action="store_true", help="skip nginx even when it is installed")
+    add("--no-bare", action="store_true", help="skip the bare grpc.aio proxy reference")
+    add("--keep-logs", action="store_true", help="keep the temp dir with the logs")
+    add("--profile-dir", type=Path, help="afterwards, py-spy the gateway at concurrency 16 into DIR")
+    add("--serve-bare-proxy", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.duration <= 0:
+        parser.error("--rounds must be >= 1 and --duration > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve_bare_proxy:
+        serve_bare_proxy(int(args.serve_bare_proxy[0]), args.serve_bare_proxy[1])
+        return 0
+    # A SIGTERM unwinds like Ctrl-C, so the `finally` blocks stop every process we started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    levels = [int(n) for n in args.concurrency.split(",") if n.strip()]
+    nginx = None if args.no_nginx else shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None
+    )
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}; grpcio {grpc.__version__}; "
+          f"nginx: {nginx or 'not installed (skipped)'}", flush=True)  # fmt: skip
+    workdir = Path(tempfile.mkdtemp(prefix="modelgw-gateway-bench-"))
+    try:
+        with contextlib.ExitStack() as stack:
+            etcd = LocalEtcd(data_dir=workdir / "etcd")
+            stack.callback(etcd.cleanup)
+            etcd.start()
+            model, example, expected = build_model(workdir)
+            asyncio.run(register(etcd.endpoint, model))
+            runtime = runtime_server(etcd.endpoint, args, workdir)
+            targets = [runtime, gateway_server(etcd.endpoint, workdir)]
+            if not args.no_bare:
+                targets.append(bare_proxy_server(runtime.port, workdir))
+            if nginx:
+                targets.append(nginx_server(nginx, runtime.port, workdir))
+            for target in targets:
+                stack.callback(target.stop)
+                target.start()
+            request = build_request(example)
+            for target in targets:
+                target.wait_ready()  # the gateway: once it routes the model to the replica
+                check_output(target, request, expected)
+            print(
+                f"model: TorchScript MLP, batch 1, torch threads {args.torch_threads}; per target and level "
+                f"{args.warmup:g}s warm-up + {args.duration:g}s in {args.rounds} alternating rounds "
+                f"(cap {args.max_requests} requests per phase); logs in {workdir}",
+                flush=True,
+            )
+            results = asyncio.run(measure(targets, request.SerializeToString(), levels, args))
+            print()
+            print_table(results, levels, [t.label for t in targets])
+            if args.profile_dir:
+                asyncio.run(profile(targets[1], request.SerializeToString(), 16, args))
+    finally:
+        if not args.keep_logs:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""The OpenAI API's HTTP routes, a sub-application mounted at /v1 of the gateway's HTTP app.
+
+    OpenAIApi(proxy, view, authorize).add_routes(app)
+
+GET /v1/models and /v1/models/{id} list the models served by runtimes of kind `llm`.
+POST /v1/completions and /v1/chat/completions: non-streaming answers go through ModelInfer
+(the proxy's unary path: retries, limits, metrics), `stream: true` answers through one
+ModelStreamInfer stream per request, relayed as server-sent events ending in
+`data: [DONE]`. Each request is authorized by the same hook as the other REST routes.
+
+A client that goes away cancels its upstream call, so the runtime aborts the sequence and
+frees its KV cache: the stream's writes fail at the next token, and a watcher notices a
+closed connection while the runtime has not answered yet (queueing, prefill, or a whole
+non-streaming generation). aiohttp does not cancel handlers on disconnect by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from modelgw.gateway.errors import GatewayError
+from modelgw.gateway.openai.errors import InvalidRequest, error_body, error_response, stream_error
+from modelgw.gateway.openai.parsing import GenerationCall, infer_request, model_of, parse_body, parse_chat, parse_completion
+from modelgw.gateway.openai.rendering import CallInfo, ChunkRenderer, Piece, completion_body, read_piece
+from modelgw.gateway.proxy import STICKY_HEADER, Proxy
+from modelgw.gateway.rest_frontend import RestAuthorizer
+from modelgw.gateway.rest_frontend import _timeout as client_timeout
+from modelgw.gateway.routing import ModelRoute
+from modelgw.protos import inference_pb2 as pb
+from modelgw.protos import registry_pb2 as rpb
+
+log = logging.getLogger(__name__)
+
+LLM_KIND = "llm"
+PROTOCOL = "openai"  # the `protocol` label of modelgw_requests_total
+DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # proxies in front of the gateway must not buffer the stream
+}
+DISCONNECT_POLL_SECONDS = 0.2
+
+RuntimeSpecs = Callable[[], "dict[str, rpb.RuntimeSpec]"]
+
+
+def _sse(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+
+
+async def _watch_disconnect(request: web.Request, on_disconnect: Callable[[], Any]) -> None:
+    """Call `on_disconnect` once the client's connection is closed."""
+    while True:
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            on_disconnect()
+            return
+
+
+@web.middleware
+async def openai_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error under /v1 in OpenAI's format, aiohttp's own (404, 405, 413) included."""
+    try:
+        return await handler(request)
+    except GatewayError as err:
+        return error_response(err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = None
+        message = exc.text or exc.reason
+        if exc.status == 404:
+            message, code = f"unknown URL: {request.method} {request.path}", "unknown_url"
+        elif exc.status == 405:
+            message = f"method {request.method} is not allowed on {request.path}"
+        elif exc.status == 413:
+            limit = request.config_dict.get("max_body_bytes")
+            message = f"the request body is larger than the limit of {limit} bytes"
+        return web.json_response(error_body(exc.status, message, code=code), status=exc.status)
+    except Exception:
+        log.exception("unhandled error for %s %s", request.method, request.path)
+        return web.json_response(error_body(500, "internal error; see the gateway log"), status=500)
+
+
+class OpenAIApi:
+    """/v1/models, /v1/completions and /v1/chat/completions over the gateway's proxy."""
+
+    def __init__(self, proxy: Proxy, runtimes: RuntimeSpecs, authorize: RestAuthorizer | None = None) -> None:
+        self.proxy = proxy
+        self.runtimes = runtimes  # name -> RuntimeSpec, from the registry view
+        self.authorize = authorize
+        self._first_seen: dict[str, int] = {}
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[openai_errors])
+        app.router.add_get("/models", self.list_models)
+        app.router.add_get("/models/{model:.+}", self.get_model)
+        app.router.add_post("/completions", self.completions)
+        app.router.add_post("/chat/completions", self.chat_completions)
+        return app
+
+    def add_routes(self, app: web.Application) -> None:
+        app.add_subapp("/v1", self.app())
+
+    # -- models ----------------------------------------------------------------------------
+
+    def _kinds(self, route: ModelRoute) -> set[str | None]:
+        """The runtime kinds of a model's versions (None: a runtime the registry lacks)."""
+        runtimes = self.runtimes()
+        return {(runtimes[v.runtime].kind if v.runtime in runtimes else None) for v in route.spec.versions}
+
+    def _card(self, name: str) -> dict[str, Any]:
+        # the registry keeps no creation time: `created` is when this gateway first showed it
+        if len(self._first_seen) > 2 * len(self.proxy.table.routes) + 64:
+            self._first_seen = {k: v for k, v in self._first_seen.items() if k in self.proxy.table.routes}
+        created = self._first_seen.setdefault(name, int(time.time()))
+        return {"id": name, "object": "model", "created": created, "owned_by": "modelgw"}
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        names = sorted(name for name, route in self.proxy.table.routes.items() if LLM_KIND in self._kinds(route))
+        if self.authorize is not None:
+            # the models this caller may use; a caller that may use none and could not
+            # authenticate hears why (401), one that is only refused some sees the rest
+            allowed, unauthenticated = [], None
+            for name in names:
+                try:
+                    await self.authorize(request, name)
+                    allowed.append(name)
+                except GatewayError as err:
+                    if err.code == grpc.StatusCode.UNAUTHENTICATED:
+                        unauthenticated = unauthenticated or err
+            if not allowed and unauthenticated is not None:
+                raise unauthenticated
+            names = allowed
+        return web.json_response({"object": "list", "data": [self._card(name) for name in names]})
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if self.authorize is not None:
+            await self.authorize(request, name)  # who asks, before saying what exists
+        route = self.proxy.table.routes.get(name)
+        if route is None or LLM_KIND not in self._kinds(route):
+            raise GatewayError(grpc.StatusCode.NOT_FOUND, f"the model '{name}' does not exist (no LLM model of that name)")
+        return web.json_response(self._card(name))
+
+    def _check_llm(self, model: str) -> None:
+        """NOT_FOUND for an unknown model; 400 for one served only by other kinds of runtime."""
+        route = self.proxy.table.route(model)
+        kinds = self._kinds(route)
+        if LLM_KIND not in kinds and None not in kinds:
+            raise InvalidRequest(
+                f"model '{model}' is served by runtime kind(s) {', '.join(sorted(k for k in kinds if k))}; "
+                f"the OpenAI API serves models of kind '{LLM_KIND}' (use /v2/models/{model}/infer for it)",
+                "model", "model_not_supported",
+            )  # fmt: skip
+
+    # -- generation ------------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        body = parse_body(await request.read())
+        # who asks and for what, before the rest of the body is judged
+        subject = await self.authorize(request, model_of(body)) if self.authorize else None
+        call = parse_chat(body) if chat else parse_completion(body)
+        self._check_llm(call.model)
+        incoming = [(k.lower(), v) for k, v in request.headers.items()]
+        metadata, request_id = Proxy.outbound_metadata(incoming, subject)
+        info = CallInfo(
+            chat=chat,
+            id=("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
+            created=int(time.time()),
+            model=call.model,
+            logprobs=call.logprobs,
+        )
+        message = infer_request(call, info.id)
+        if call.stream:
+            return await self._stream(request, call, info, message, metadata, request_id)
+        return await self._complete(request, call, info, message, metadata, request_id)
+
+    async def _complete(
+        self, request: web.Request, call: GenerationCall, info: CallInfo, message: pb.ModelInferRequest,
+        metadata: list[tuple[str, str]], request_id: str,
+    ) -> web.Response:  # fmt: skip
+        """A whole answer via ModelInfer; cancelled (upstream too) if the client goes away."""
+        forward = asyncio.ensure_future(
+            self.proxy.unary(
+                "model_infer", message.SerializeToString(), call.model, "", metadata=metadata,
+                timeout=client_timeout(request), sticky_key=request.headers.get(STICKY_HEADER), protocol=PROTOCOL,
+            )  # fmt: skip
+        )
+        watcher = asyncio.create_task(_watch_disconnect(request, forward.cancel))
+        try:
+            raw = await forward  # CancelledError when the client left: aiohttp drops the connection
+        finally:
+            watcher.cancel()
+        piece = read_piece(pb.ModelInferResponse.FromString(raw), final=True)
+        return web.json_response(completion_body(info, piece), headers={"x-request-id": request_id})
+
+    def _stream_timeout(self, request: web.Request, model: str) -> float | None:
+        """The model's timeout and the client's, if any: a stream has no default deadline
+        (the client ends it by going away)."""
+        route = self.proxy.table.routes.get(model)
+        candidates = [t for t in (client_timeout(request), route.spec.limits.timeout_seconds if route else 0.0) if t]
+        return min(candidates) if candidates else None
+
+    async def _stream(
+        self, request: web.Request, call: GenerationCall, info: CallInfo, message: pb.ModelInferRequest,
+        metadata: list[tuple[str, str]], request_id: str,
+    ) -> web.StreamResponse:  # fmt: skip
+        """A streamed answer over one ModelStreamInfer stream, relayed as SSE chunks."""
+        model = call.model
+        self.proxy.admit(model)
+        started = time.perf_counter()
+        version, runtime, status = "", "", "OK"
+        replica = upstream_call = watcher = response = None
+        try:
+            upstream, replica, version = self.proxy.open_stream(
+                model, "", metadata=metadata, sticky_key=request.headers.get(STICKY_HEADER)
+            )
+            runtime = replica.runtime
+            replica.outstanding += 1
+            message.model_version = version  # the version the traffic split chose
+            upstream_call = upstream.model_stream_infer(metadata=metadata, timeout=self._stream_timeout(request, model))
+            watcher = asyncio.create_task(_watch_disconnect(request, upstream_call.cancel))
+            await upstream_call.write(message.SerializeToString())
+            await upstream_call.done_writing()
+            # the first piece before the headers: a refused request is still a plain HTTP error
+            piece = await _next_piece(upstream_call)
+            response = web.StreamResponse(headers={**SSE_HEADERS, "x-request-id": request_id})
+            await response.prepare(request)
+            chunks = ChunkRenderer(info, call.include_usage)
+            await _send(response, chunks.start())
+            while not piece.final:
+                await _send(response, chunks.delta(piece))
+                piece = await _next_piece(upstream_call)
+            await _send(response, chunks.finish(piece))
+            await _send(response, chunks.usage(piece))
+            await response.write(DONE)
+            return response
+        except GatewayError as err:
+            status = err.code.name
+            if response is None:
+                raise  # rendered by openai_errors
+            # the status line is gone: the error travels as an event (the openai SDK raises it)
+            try:
+                await response.write(_sse(error_body(err.http_status, err.message)))
+                await response.write(DONE)
+            except ConnectionError:
+                pass
+            return response
+        except ConnectionError:
+            status = "CANCELLED"  # the client went away while we wrote to it
+            return response
+        except asyncio.CancelledError:
+            status = "CANCELLED"  # the watcher saw the client leave, or the gateway stops
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if upstream_call is not None:
+                upstream_call.cancel()  # a no-op after a complete answer; else the runtime aborts
+            if replica is not None:
+                replica.outstanding -= 1
+            self.proxy.finish(model, (version, runtime, PROTOCOL, status), time.perf_counter() - started)
+
+
+async def _send(response: web.StreamResponse, chunk: dict[str, Any] | None) -> None:
+    if chunk is not None:
+        await response.write(_sse(chunk))
+
+
+async def _next_piece(call: grpc.aio.StreamStreamCall) -> Piece:
+    """The next response of a one-request stream, or the GatewayError it carries."""
+    try:
+        raw = await call.read()
+    except grpc.aio.AioRpcError as err:
+        raise GatewayError(err.code(), err.details() or err.code().name) from None
+    if raw is grpc.aio.EOF:
+        raise GatewayError(grpc.StatusCode.UNAVAILABLE, "the runtime ended the stream before the answer was complete")
+    response = pb.ModelStreamInferResponse.FromString(raw)
+    if response.error_message:
+        raise stream_error(response.error_message)
+    return read_piece(response.infer_response)

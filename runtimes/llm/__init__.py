@@ -1,0 +1,21 @@
+"""The `llm` runtime kind: Llama-family decoders from local Hugging Face-style checkpoints,
+with a paged KV cache, continuous batching and token streaming.
+
+    modelgw llm make-checkpoint /tmp/tiny                # a small random Llama, offline
+    modelgw runtime serve --kind llm --model tiny=/tmp/tiny --port 8001
+
+Modules, each one responsibility (the wire contract is /work/notes/LLM_CONTRACT.md):
+
+    checkpoint.py      config.json, safetensors weights, tokenizer.json, chat template
+    model.py           the decoder (RMSNorm, RoPE with scaling, GQA, SwiGLU) over a paged cache
+    kv_cache.py        fixed-budget block pool + the cache tensors
+    sequence.py        one request's state while it runs
+    scheduler.py       continuous batching: who runs this step, with how many tokens
+    runner.py          turns a scheduled step into tensors and runs the model
+    sampling.py        sampling parameters and the batched sampler
+    detokenizer.py     incremental detokenization and stop strings
+    engine.py          the Engine interface and the `torch` engine (TensorRT design note)
+    async_engine.py    an Engine driven by a background thread, with an async generate()
+    runtime.py         the `llm` kind's Model: tensors and parameters in, tokens out
+    make_checkpoint.py the random checkpoint + trained tokenizer writer; cli.py its command
+"""

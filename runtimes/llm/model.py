@@ -1,0 +1,265 @@
+"""A compact Llama-family decoder (Llama, Mistral, Qwen2) over a paged KV cache.
+
+One forward pass runs one scheduler step: the new tokens of every scheduled sequence,
+flattened into one [T, hidden] batch, so every projection is a single matmul over all of
+them. Only attention looks at sequences separately:
+
+- "single" rows (decode steps; one new token per sequence) are attended together: their
+  keys and values are gathered from the cache by block table into a padded
+  [n, kv_heads, L, head_dim] batch, with a mask for each sequence's length;
+- multi-token chunks (prefill, possibly chunked) are attended one sequence each, causally,
+  against the cache when earlier chunks of the prompt are already in it.
+
+Logits are computed for the rows the sampler needs only (`StepBatch.logits_index`).
+Weights are plain tensors (no nn.Module): q/k/v are fused into one projection, and so are
+gate/up, which saves matmul calls per layer. The model runner owns the cache tensors
+and builds the StepBatch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from modelgw.runtimes.errors import ModelLoadError
+from modelgw.runtimes.llm.checkpoint import ModelConfig, RopeConfig
+from modelgw.runtimes.llm.kv_cache import KVCache
+
+
+@dataclass
+class PrefillSpan:
+    """A multi-token chunk of one sequence in the flat batch."""
+
+    start: int                      # first row in the flat batch
+    length: int                     # rows (new tokens)
+    context_start: int              # position of the first new token (tokens already cached)
+    blocks: torch.Tensor | None     # the sequence's cache blocks, when context_start > 0
+    mask: torch.Tensor | None       # [length, context_start + length] bool, when context_start > 0
+
+
+@dataclass
+class StepBatch:
+    """Everything one forward pass needs, as tensors on the model's device."""
+
+    input_ids: torch.Tensor                 # [T]
+    positions: torch.Tensor                 # [T]
+    slot_mapping: torch.Tensor              # [T]: where each new token's K/V goes in the cache
+    num_single: int = 0                     # rows 0..num_single-1: one token of one sequence each
+    single_blocks: torch.Tensor | None = None   # [num_single * max_blocks] block ids (padded)
+    single_mask: torch.Tensor | None = None     # [num_single, 1, 1, max_blocks * block_size] bool
+    spans: list[PrefillSpan] = field(default_factory=list)
+    logits_index: torch.Tensor | None = None    # [S] rows whose next-token logits are wanted
+
+
+def rope_inverse_frequencies(rope: RopeConfig, head_dim: int, max_position_embeddings: int,
+                             max_len: int) -> torch.Tensor:
+    """The rotary inverse frequencies for the config's scaling, as transformers computes them.
+
+    "dynamic" (NTK) scaling is applied statically for the served context: within
+    max_position_embeddings it is the default rope (exactly what transformers does there);
+    for a longer max_len the base is scaled once for max_len, as vLLM does, since cached
+    keys cannot be re-rotated."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    base = rope.theta
+    if rope.type == "dynamic" and max_len > max_position_embeddings:
+        factor = rope.factor
+        base = base * ((factor * max_len / max_position_embeddings) - (factor - 1)) ** (head_dim / (head_dim - 2))
+    inv_freq = 1.0 / (base ** exponent)
+    if rope.type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.type == "llama3":
+        original = rope.original_max_position_embeddings or max_position_embeddings
+        low_wavelen = original / rope.low_freq_factor
+        high_wavelen = original / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (original / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(config: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, [max_len, head_dim] float32, in transformers' rotate-half layout."""
+    inv_freq = rope_inverse_frequencies(config.rope, config.head_dim, config.max_position_embeddings, max_len)
+    positions = torch.arange(max_len, dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+class Decoder:
+    """The decoder's weights and forward pass. Build with `Decoder.from_weights`."""
+
+    def __init__(self, config: ModelConfig, embed: torch.Tensor, layers: list[LayerWeights],
+                 norm: torch.Tensor, lm_head: torch.Tensor, max_len: int) -> None:
+        self.config = config
+        self.embed = embed
+        self.layers = layers
+        self.norm = norm
+        self.lm_head = lm_head
+        self.device = embed.device
+        self.dtype = embed.dtype
+        cos, sin = rope_tables(config, max_len)
+        # transformers casts cos/sin to the activations' dtype before rotating: same here
+        self.cos = cos.to(self.device, self.dtype)
+        self.sin = sin.to(self.device, self.dtype)
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.eps = config.rms_norm_eps
+
+    @classmethod
+    def from_weights(cls, config: ModelConfig, weights: dict[str, Any], *, max_len: int,
+                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Decoder:
+        """From Hugging Face tensor names (model.layers.N.self_attn.q_proj.weight, ...)."""
+
+        def take(name: str, optional: bool = False) -> torch.Tensor | None:
+            tensor = weights.pop(name, None)
+            if tensor is None:
+                if optional:
+                    return None
+                raise ModelLoadError(f"the checkpoint lacks the weight '{name}'")
+            return tensor.to(device=device, dtype=dtype)
+
+        def fused(names: list[str], optional: bool = False) -> torch.Tensor | None:
+            parts = [take(n, optional) for n in names]
+            if any(p is None for p in parts):
+                if optional and all(p is None for p in parts):
+                    return None
+                raise ModelLoadError(f"the checkpoint has only some of {', '.join(names)}")
+            return torch.cat(parts, dim=0).contiguous()
+
+        embed = take("model.embed_tokens.weight")
+        if embed.shape[0] != config.vocab_size or embed.shape[1] != config.hidden_size:
+            raise ModelLoadError(
+                f"model.embed_tokens.weight has shape {list(embed.shape)}, config.json says "
+                f"[{config.vocab_size}, {config.hidden_size}]"
+            )
+        layers = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            attn = [f"{p}self_attn.{x}_proj" for x in ("q", "k", "v")]
+            mlp = [f"{p}mlp.{x}_proj" for x in ("gate", "up")]
+            layers.append(LayerWeights(
+                input_norm=take(f"{p}input_layernorm.weight"),
+                qkv=fused([f"{n}.weight" for n in attn]),
+                qkv_bias=fused([f"{n}.bias" for n in attn], optional=True),
+                o=take(f"{p}self_attn.o_proj.weight"),
+                o_bias=take(f"{p}self_attn.o_proj.bias", optional=True),
+                post_norm=take(f"{p}post_attention_layernorm.weight"),
+                gate_up=fused([f"{n}.weight" for n in mlp]),
+                gate_up_bias=fused([f"{n}.bias" for n in mlp], optional=True),
+                down=take(f"{p}mlp.down_proj.weight"),
+                down_bias=take(f"{p}mlp.down_proj.bias", optional=True),
+            ))
+            expected = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+            if layers[-1].qkv.shape != (expected, config.hidden_size):
+                raise ModelLoadError(
+                    f"layer {i}: q/k/v projections have {layers[-1].qkv.shape[0]} rows in all, "
+                    f"config.json implies {expected}"
+                )
+        norm = take("model.norm.weight")
+        lm_head = take("lm_head.weight", optional=config.tie_word_embeddings)
+        if lm_head is None:
+            lm_head = embed
+        return cls(config, embed, layers, norm, lm_head, max_len)
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # in float32, like transformers' LlamaRMSNorm, then back to the activations' dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * x32.to(x.dtype)
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch, cache: KVCache) -> torch.Tensor:
+        """Run the step's tokens through the model, writing their K/V into the cache;
+        returns float32 logits [S, vocab] for batch.logits_index."""
+        tokens = batch.input_ids.shape[0]
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        q_size, kv_size = self.q_size, self.kv_size
+        x = F.embedding(batch.input_ids, self.embed)
+        cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, head_dim], shared by all layers
+        sin = self.sin[batch.positions].unsqueeze(1)
+        for index, layer in enumerate(self.layers):
+            h = self._rms_norm(x, layer.input_norm)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qk = qkv[:, : q_size + kv_size].view(tokens, heads + kv_heads, head_dim)
+            qk = qk * cos + _rotate_half(qk) * sin  # q and k rotated in one go
+            q = qk[:, :heads]
+            k = qk[:, heads:]
+            v = qkv[:, q_size + kv_size:].view(tokens, kv_heads, head_dim)
+            cache.write(index, batch.slot_mapping, k, v)
+            attn = self._attention(index, q, k, v, batch, cache)
+            x = x + F.linear(attn, layer.o, layer.o_bias)
+            h = self._rms_norm(x, layer.post_norm)
+            gate, up = F.linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+        if batch.logits_index is not None:
+            x = x[batch.logits_index]
+        x = self._rms_norm(x, self.norm)
+        return F.linear(x, self.lm_head).float()
+
+    def _attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   batch: StepBatch, cache: KVCache) -> torch.Tensor:
+        tokens = q.shape[0]
+        kv_heads, head_dim = self.num_kv_heads, self.head_dim
+        single = batch.num_single
+        if single == tokens:  # decode only: the common case, no scatter into `out`
+            return self._attend_singles(layer, q, batch, cache).reshape(tokens, -1)
+        out = torch.empty_like(q)
+        if single:
+            out[:single] = self._attend_singles(layer, q[:single], batch, cache)
+        for span in batch.spans:
+            rows = slice(span.start, span.start + span.length)
+            qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, n, head_dim]
+            if span.blocks is None:  # the whole context is this chunk: plain causal attention
+                ks = k[rows].transpose(0, 1).unsqueeze(0)
+                vs = v[rows].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+            else:
+                context = span.context_start + span.length
+                ks = cache.gather_keys(layer, span.blocks).view(-1, kv_heads, head_dim)[:context]
+                vs = cache.gather_values(layer, span.blocks).view(-1, kv_heads, head_dim)[:context]
+                o = F.scaled_dot_product_attention(
+                    qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0),
+                    attn_mask=span.mask, enable_gqa=True,
+                )
+            out[rows] = o[0].transpose(0, 1)
+        return out.reshape(tokens, -1)
+
+    def _attend_singles(self, layer: int, q: torch.Tensor, batch: StepBatch, cache: KVCache) -> torch.Tensor:
+        """One query per sequence against its cached context: [n, heads, head_dim]."""
+        n = q.shape[0]
+        kv_heads, head_dim = self.num_kv_heads, self.head_dim
+        keys = cache.gather_keys(layer, batch.single_blocks).view(n, -1, kv_heads, head_dim).transpose(1, 2)
+        values = cache.gather_values(layer, batch.single_blocks).view(n, -1, kv_heads, head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=batch.single_mask,
+                                           enable_gqa=True)
+        return o.squeeze(2)

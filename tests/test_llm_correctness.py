@@ -1,0 +1,138 @@
+"""Our decoder and engine against transformers, on tiny random checkpoints that
+transformers itself saved (save_pretrained): the same greedy tokens for 8 prompts, alone
+and all in one continuously batched run (chunked prefill, decodes and prefills mixed in
+steps), and the same logits within a stated tolerance.
+
+Tolerance: float32 on CPU, |ours - transformers| <= 1e-4 on logits and log-probabilities
+(the two implementations fuse and order matmuls differently; observed gaps are ~1e-6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from llm_helpers import (
+    MAX_TOKENS,
+    PROMPTS,
+    greedy,
+    make_engine,
+    prompt_logits_transformers,
+    run,
+    save_hf_checkpoint,
+    transformers_greedy,
+)
+
+from modelgw.runtimes.llm.checkpoint import Checkpoint
+from modelgw.runtimes.llm.engine import GenerationRequest
+from modelgw.runtimes.llm.kv_cache import KVCache
+from modelgw.runtimes.llm.model import Decoder, PrefillSpan, StepBatch
+
+ATOL = 1e-4
+TOP = 5  # log-probabilities compared per generated token: the top 5 of ours against transformers'
+
+FAMILIES = {
+    "llama": ("llama", {}),
+    # grouped-query attention with one kv head, Llama 3.1 rope scaling that matters at these lengths
+    "llama3-rope": ("llama", {"num_key_value_heads": 1,
+                              "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    "linear-rope": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}, "tie_word_embeddings": True}),
+    "qwen2": ("qwen2", {}),  # q/k/v biases
+    "mistral": ("mistral", {"num_key_value_heads": 4, "sliding_window": 256}),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _few_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    family, overrides = FAMILIES[request.param]
+    directory = save_hf_checkpoint(tmp_path_factory.mktemp(request.param), family, **overrides)
+    tokenizer = Checkpoint.open(directory).tokenizer
+    prompt_ids = [tokenizer.encode(p) for p in PROMPTS]
+    references = transformers_greedy(directory, prompt_ids, MAX_TOKENS)
+    return directory, prompt_ids, references
+
+
+def _requests(prompt_ids: list[list[int]]) -> list[GenerationRequest]:
+    return [GenerationRequest(f"p{i}", tuple(ids), greedy(n, logprobs=TOP))
+            for i, (ids, n) in enumerate(zip(prompt_ids, MAX_TOKENS))]
+
+
+def _check_against_reference(results, references) -> None:
+    for i, reference in enumerate(references):
+        result = results[f"p{i}"]
+        assert result.tokens == reference.tokens, f"prompt {i}: tokens differ from transformers'"
+        assert result.finish_reason == ("stop" if reference.tokens[-1] == 2 else "length")
+        # our top-5 log-probabilities per step, against transformers' at the same tokens
+        for step, top in enumerate(result.top):
+            ids = torch.tensor([t for t, _ in top])
+            ours = torch.tensor([lp for _, lp in top])
+            theirs = reference.logprobs[step, ids]
+            assert torch.allclose(ours, theirs, atol=ATOL), (i, step, (ours - theirs).abs().max())
+            assert ids[0] == reference.tokens[step]
+
+
+def test_greedy_alone_matches_transformers(case) -> None:
+    directory, prompt_ids, references = case
+    engine = make_engine(directory, max_num_seqs=4, max_num_batched_tokens=64)
+    results = {}
+    for request in _requests(prompt_ids):  # one at a time: nothing else in the batch
+        results.update(run(engine, [request]))
+    _check_against_reference(results, references)
+    assert engine.figures().kv_cache_usage == 0.0
+
+
+def test_greedy_batched_matches_transformers(case) -> None:
+    """All 8 at once, different lengths and max_tokens; a small token budget forces chunked
+    prefill of the long prompts while others decode, and requests joining mid-run."""
+    directory, prompt_ids, references = case
+    engine = make_engine(directory, max_num_seqs=8, max_num_batched_tokens=24, block_size=8)
+    results = run(engine, _requests(prompt_ids))
+    _check_against_reference(results, references)
+    assert engine.figures() == type(engine.figures())(0, 0, 0.0)
+
+
+def test_prompt_logits_match_transformers(case) -> None:
+    """Every position's logits of the longest prompt, in one prefill and in chunks that
+    attend to what earlier chunks put in the paged cache."""
+    directory, prompt_ids, _ = case
+    ids = max(prompt_ids, key=len)
+    theirs = prompt_logits_transformers(directory, ids)
+    checkpoint = Checkpoint.open(directory)
+    config = checkpoint.config
+    model = Decoder.from_weights(config, checkpoint.load_weights(), max_len=256)
+    n, block = len(ids), 4
+    blocks = list(range(-(-n // block)))[::-1]  # deliberately out of order
+    slots = [blocks[p // block] * block + p % block for p in range(n)]
+
+    def cache() -> KVCache:
+        return KVCache(config.num_layers, len(blocks), block, config.num_kv_heads, config.head_dim)
+
+    whole = StepBatch(torch.tensor(ids), torch.arange(n), torch.tensor(slots),
+                      spans=[PrefillSpan(0, n, 0, None, None)], logits_index=torch.arange(n))
+    ours = model.forward(whole, cache())
+    assert torch.allclose(ours, theirs, atol=ATOL), (ours - theirs).abs().max()
+
+    chunked_cache, pieces, start = cache(), [], 0
+    for length in (7, 1, 13, n):  # chunks, one of them a single token
+        length = min(length, n - start)
+        if length <= 0:
+            break
+        end = start + length
+        context_blocks = torch.tensor(blocks[:-(-end // block)])
+        mask = torch.ones(length, end, dtype=torch.bool).tril(diagonal=start)
+        span = PrefillSpan(0, length, start, context_blocks if start else None, mask if start else None)
+        batch = StepBatch(torch.tensor(ids[start:end]), torch.arange(start, end), torch.tensor(slots[start:end]),
+                          spans=[span], logits_index=torch.arange(length))
+        pieces.append(model.forward(batch, chunked_cache))
+        start = end
+    chunked = torch.cat(pieces)
+    assert torch.allclose(chunked, theirs, atol=ATOL), (chunked - theirs).abs().max()
