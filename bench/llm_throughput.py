@@ -11,8 +11,13 @@ tokens are checked to be identical on both sides.
   every chunk leaves as soon as it exists) by N concurrent closed-loop workers on one
   grpc.aio channel, at concurrency 1, 4 and 16. The runtime batches them continuously.
 - transformers: `model.generate` in this process, one request after the other (what it
-  can do without a serving layer); half of its requests run before the modelgw levels and
-  half after, so slow drift in the machine's load hits both.
+  can do without a serving layer).
+- with --in-process: also our engine driven in this process (AsyncEngine, no gRPC), which
+  separates the engine's cost from the serving path's.
+
+The measurement is split into --rounds rounds; each round runs a share of every row's
+requests (transformers, then each concurrency level), so drift in the machine's load
+(other work on a shared machine) hits all rows alike. Figures pool the rounds.
 
 Per row: output tokens/s (all output tokens / wall time of the level), time to first token
 p50/p99 (request sent -> first token received), inter-token latency p50/p99 (gap between
@@ -86,8 +91,12 @@ class RequestTiming:
 class Row:
     name: str
     concurrency: int
-    timings: list[RequestTiming]
-    seconds: float
+    timings: list[RequestTiming] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, timings: list[RequestTiming], seconds: float) -> None:
+        self.timings += timings
+        self.seconds += seconds
 
     def line(self) -> str:
         tokens = sum(t.tokens for t in self.timings)
@@ -170,41 +179,70 @@ def stream_request(prompt: str, max_tokens: int):
     return request
 
 
+async def closed_loop(concurrency: int, requests: int, level_seconds: float, one) -> tuple[list[RequestTiming], float]:
+    """`concurrency` workers each running `one(index)` back to back until `requests` are done."""
+    timings: list[RequestTiming] = []
+    next_index = 0
+    started = time.perf_counter()
+    deadline = started + level_seconds
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < requests and time.perf_counter() < deadline:
+            index = next_index
+            next_index += 1
+            timings.append(await one(index))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return timings, time.perf_counter() - started
+
+
 async def run_modelgw_level(port: int, concurrency: int, requests: int, max_tokens: int,
-                            level_seconds: float) -> Row:
+                            level_seconds: float, first_index: int = 0) -> tuple[list[RequestTiming], float]:
     from modelgw.protos import inference_pb2_grpc as pb_grpc
     from modelgw.runtimes.codec import decode_response_outputs
 
-    timings: list[RequestTiming] = []
-    next_index = 0
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        started = time.perf_counter()
-        deadline = started + level_seconds
 
-        async def worker() -> None:
-            nonlocal next_index
-            while next_index < requests and time.perf_counter() < deadline:
-                index = next_index
-                next_index += 1
-                timing = RequestTiming(time.perf_counter())
-                call = stub.ModelStreamInfer(iter([stream_request(PROMPTS[index % len(PROMPTS)], max_tokens)]))
-                async for message in call:
-                    now = time.perf_counter()
-                    if message.error_message:
-                        raise RuntimeError(message.error_message)
-                    response = message.infer_response
-                    if response.outputs:
-                        ids = decode_response_outputs(response)["token_ids"]
-                        timing.chunks.append((now, len(ids)))
-                        timing.token_ids.extend(int(i) for i in ids)
-                    if response.parameters["triton_final_response"].bool_param:
-                        break
-                timings.append(timing)
+        async def one(index: int) -> RequestTiming:
+            prompt = PROMPTS[(first_index + index) % len(PROMPTS)]
+            timing = RequestTiming(time.perf_counter())
+            async for message in stub.ModelStreamInfer(iter([stream_request(prompt, max_tokens)])):
+                now = time.perf_counter()
+                if message.error_message:
+                    raise RuntimeError(message.error_message)
+                response = message.infer_response
+                if response.outputs:
+                    ids = decode_response_outputs(response)["token_ids"]
+                    timing.chunks.append((now, len(ids)))
+                    timing.token_ids.extend(int(i) for i in ids)
+                if response.parameters["triton_final_response"].bool_param:
+                    break
+            return timing
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        seconds = time.perf_counter() - started
-    return Row("modelgw llm (gRPC)", concurrency, timings, seconds)
+        return await closed_loop(concurrency, requests, level_seconds, one)
+
+
+async def run_engine_level(engine, tokenizer, concurrency: int, requests: int, max_tokens: int,
+                           level_seconds: float, first_index: int = 0) -> tuple[list[RequestTiming], float]:
+    """The same load on an in-process AsyncEngine (no gRPC, no protobuf)."""
+    from modelgw.runtimes.llm.engine import GenerationRequest
+    from modelgw.runtimes.llm.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+    async def one(index: int) -> RequestTiming:
+        prompt = PROMPTS[(first_index + index) % len(PROMPTS)]
+        request = GenerationRequest(f"bench-{first_index}-{index}-{time.monotonic_ns()}",
+                                    tuple(tokenizer.encode(prompt)), params)
+        timing = RequestTiming(time.perf_counter())
+        async for output in engine.generate(request):
+            timing.chunks.append((time.perf_counter(), len(output.token_ids)))
+            timing.token_ids.extend(output.token_ids)
+        return timing
+
+    return await closed_loop(concurrency, requests, level_seconds, one)
 
 
 # -- transformers: sequential generate -------------------------------------------------------
@@ -269,45 +307,55 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> int:
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
     levels = [int(c) for c in args.concurrency.split(",")]
-    hf_indices = list(range(args.hf_requests))
-    half = len(hf_indices) // 2
-    print("transformers, first half ...", flush=True)
-    hf_timings = run_transformers(model, tokenizer.encode, hf_indices[:half], args.max_tokens)
-    hf_seconds = sum(t.chunks[-1][0] - t.sent for t in hf_timings)
+    rounds = max(1, args.rounds)
+    hf_row = Row("transformers generate", 1)
+    rows = {c: Row("modelgw llm (gRPC)", c) for c in levels}
+    engine_rows = {c: Row("modelgw engine (in-proc)", c) for c in levels} if args.in_process else {}
+    engine = None
+    if args.in_process:
+        from modelgw.runtimes.llm.async_engine import AsyncEngine
+        from modelgw.runtimes.llm.engine import EngineConfig, TorchEngine
 
+        engine = AsyncEngine(TorchEngine(Checkpoint.open(checkpoint), EngineConfig(
+            device="cpu", max_num_seqs=max(levels), max_num_batched_tokens=512, max_model_len=2048)), "bench")
     runtime = RuntimeProcess(checkpoint, args.threads, max(levels), workdir / "runtime.log", args.runtime_arg)
-    rows: list[Row] = []
     try:
         await runtime.wait_ready()
         await run_modelgw_level(runtime.port, 2, 2, 8, 60)  # warm-up
-        for concurrency in levels:
-            requests = max(concurrency * args.requests_per_worker, args.min_requests)
-            print(f"modelgw, concurrency {concurrency} ({requests} requests) ...", flush=True)
-            rows.append(await run_modelgw_level(runtime.port, concurrency, requests, args.max_tokens,
-                                                args.level_seconds))
+        for r in range(rounds):
+            share = [i for i in range(args.hf_requests) if i % rounds == r]
+            print(f"round {r + 1}/{rounds}: transformers ({len(share)} requests) ...", flush=True)
+            started = time.perf_counter()
+            hf_row.add(run_transformers(model, tokenizer.encode, share, args.max_tokens),
+                       time.perf_counter() - started)
+            for concurrency in levels:
+                requests = max(concurrency * args.requests_per_worker, args.min_requests) // rounds
+                print(f"round {r + 1}/{rounds}: modelgw, concurrency {concurrency} ({requests} requests) ...",
+                      flush=True)
+                rows[concurrency].add(*await run_modelgw_level(
+                    runtime.port, concurrency, requests, args.max_tokens, args.level_seconds, r * requests))
+                if engine is not None:
+                    engine_rows[concurrency].add(*await run_engine_level(
+                        engine, tokenizer, concurrency, requests, args.max_tokens, args.level_seconds, r * requests))
     finally:
         runtime.stop()
-
-    print("transformers, second half ...", flush=True)
-    more = run_transformers(model, tokenizer.encode, hf_indices[half:], args.max_tokens)
-    hf_timings += more
-    hf_seconds += sum(t.chunks[-1][0] - t.sent for t in more)
-    hf_row = Row("transformers generate", 1, hf_timings, hf_seconds)
+        if engine is not None:
+            engine.shutdown()
 
     # the same checkpoint, the same greedy tokens on both sides (else the comparison is moot)
-    first = rows[0].timings[0] if rows and rows[0].timings else None  # level 1 runs prompt 0 first
-    same = first is not None and first.token_ids == hf_timings[0].token_ids
+    first = rows[levels[0]].timings[0] if rows[levels[0]].timings else None  # round 1 runs prompt 0 first
+    same = first is not None and first.token_ids == hf_row.timings[0].token_ids
 
     print()
     print(HEADER)
     print(hf_row.line())
-    for row in rows:
+    for row in [*rows.values(), *engine_rows.values()]:
         print(row.line())
     print()
     print(f"first prompt, greedy tokens identical on both sides: {'yes' if same else 'NO'}")
-    for row in rows:
-        print(f"modelgw at concurrency {row.concurrency}: {row.tokens_per_second / hf_row.tokens_per_second:.1f}x "
-              f"transformers' sequential tokens/s")
+    for row in [*rows.values(), *engine_rows.values()]:
+        print(f"{row.name} at concurrency {row.concurrency}: "
+              f"{row.tokens_per_second / hf_row.tokens_per_second:.1f}x transformers' sequential tokens/s")
     load = os.getloadavg()
     print(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the end")
     return 0 if same else 1
@@ -326,7 +374,9 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per request (default 128)")
     parser.add_argument("--requests-per-worker", type=int, default=2)
     parser.add_argument("--min-requests", type=int, default=4, help="at least this many requests per level")
-    parser.add_argument("--hf-requests", type=int, default=4, help="transformers requests, half before, half after")
+    parser.add_argument("--hf-requests", type=int, default=4, help="transformers requests in all (default 4)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating measurement rounds (default 2)")
+    parser.add_argument("--in-process", action="store_true", help="also drive our engine in this process")
     parser.add_argument("--level-seconds", type=float, default=90.0, help="no new requests after this per level")
     parser.add_argument("--runtime-arg", action="append", default=[], help="extra `runtime serve` argument")
     args = parser.parse_args()

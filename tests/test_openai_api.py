@@ -32,9 +32,11 @@ RUNTIME = "llm"
 MODEL = "tiny"
 FORMAT = "hf-llama"
 # a long context, so that a generation the client abandons could not finish by itself in
-# the time the disconnect tests wait for its cache to be freed (it would take minutes)
-CONTEXT = 65536
-LONG = 60000
+# the time the disconnect tests wait for its cache to be freed (it would take minutes: the
+# tiny model makes under a thousand tokens a second on one thread, fewer as its context grows)
+CONTEXT = 131072
+LONG = 125000
+FREED_WITHIN = 30.0
 MESSAGES = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Hello world, how are you?"}]
 PROMPT = "The quick brown fox jumps over the lazy dog"
 
@@ -59,7 +61,16 @@ class Stack:
 
     def wait_load(self, condition, what: str, timeout: float = 60.0) -> rpb.LoadFigures:
         """Poll the runtime's endpoint record (its load figures are published throttled)."""
-        return wait_until(lambda: (load := self.load()) if condition(load) else None, timeout, what, interval=0.2)
+        seen: list[rpb.LoadFigures] = []
+
+        def satisfied() -> rpb.LoadFigures | None:
+            seen.append(self.load())
+            return seen[-1] if condition(seen[-1]) else None
+
+        try:
+            return wait_until(satisfied, timeout, what, interval=0.2)
+        except TimeoutError as err:
+            raise AssertionError(f"{err}; last load figures: {seen[-1] if seen else None}") from None
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +93,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, etcd_server) -> Iterator[Sta
             model_spec("classifier", "vision", "onnx", {"1": str(root / "classifier.onnx")}),
         )
         fleet.replica(RUNTIME, "llm", "--option", "threads=1", "--option", "max_num_seqs=8",
-                      "--option", "kv_cache_mb=40")  # fmt: skip
+                      "--option", "kv_cache_mb=80")  # 160k tokens: one full-length sequence  # fmt: skip
         gateway = fleet.gateway()
         wait_model_ready(gateway.grpc_url, MODEL, timeout=180, what=f"(logs in {root})")
         yield Stack(fleet, gateway, checkpoint)
@@ -185,10 +196,13 @@ def test_sampling_with_a_seed_is_reproducible_and_stop_strings_end_the_text(stac
     assert runs[0] == runs[1] and runs[0]
     full = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0]  # fmt: skip
-    stop = full.text[3:6]  # a piece of what greedy decoding says
+    # a stop string from what greedy decoding says (a random model's text has invalid
+    # UTF-8 in it too: take a plain character)
+    stop = next(c for c in full.text[1:] if c.isascii() and c.isalnum())
     cut = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop],
                                     extra_body={"ignore_eos": True}).choices[0]  # fmt: skip
-    assert cut.finish_reason == "stop" and full.text.startswith(cut.text) and stop not in cut.text, (full.text, stop, cut)
+    assert cut.finish_reason == "stop", (full.text, stop, cut)
+    assert cut.text == full.text[: full.text.index(stop)]
 
 
 # -- tritonclient through the gateway ------------------------------------------------------------
@@ -204,7 +218,7 @@ def test_tritonclient_streams_through_the_gateway(stack: Stack) -> None:
         prompt = triton.InferInput("text_input", [1], "BYTES")
         prompt.set_data_from_numpy(np.array([PROMPT.encode()], dtype=object))
         client.async_stream_infer(MODEL, [prompt], request_id="t1", enable_empty_final_response=True,
-                                  parameters={"max_tokens": 12, "temperature": 0.0, "ignore_eos": True})  # fmt: skip
+                                  parameters={"max_tokens": 12, "temperature": 0, "ignore_eos": True})  # fmt: skip
         deltas, final = [], None
         while final is None:
             result, error = responses.get(timeout=60)
@@ -238,7 +252,8 @@ def test_a_client_disconnecting_mid_stream_frees_its_cache(stack: Stack) -> None
         assert busy.kv_cache_usage > 0
     finally:
         stream.close()  # the client goes away mid-generation
-    stack.wait_load(lambda l: l.running == 0 and l.kv_cache_usage == 0, "the abandoned generation's cache freed")
+    stack.wait_load(lambda l: l.running == 0 and l.kv_cache_usage == 0, "the abandoned generation's cache freed",
+                    FREED_WITHIN)
     wait_until(
         lambda: metric_value(stack.gateway.metrics(), "modelgw_requests_total", protocol="openai", status="CANCELLED")
         == before + 1, 10, "the stream counted as cancelled",
@@ -258,7 +273,8 @@ def test_a_client_disconnecting_before_the_answer_frees_its_cache(stack: Stack) 
             + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
         )
         stack.wait_load(lambda l: l.running == 1 and l.kv_cache_usage > 0, "the generation shows in the load figures")
-    stack.wait_load(lambda l: l.running == 0 and l.kv_cache_usage == 0, "the abandoned generation's cache freed")
+    stack.wait_load(lambda l: l.running == 0 and l.kv_cache_usage == 0, "the abandoned generation's cache freed",
+                    FREED_WITHIN)
 
 
 # -- errors in OpenAI's format -------------------------------------------------------------------

@@ -260,6 +260,8 @@ class Decoder:
         kv_heads, head_dim = self.num_kv_heads, self.head_dim
         keys = cache.gather_keys(layer, batch.single_blocks).view(n, -1, kv_heads, head_dim).transpose(1, 2)
         values = cache.gather_values(layer, batch.single_blocks).view(n, -1, kv_heads, head_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=batch.single_mask,
-                                           enable_gqa=True)
-        return o.squeeze(2)
+        # grouped-query attention without repeating K/V: the query heads sharing a kv head
+        # become that head's "query positions" (one token each, no causal mask among them)
+        grouped = q.reshape(n, kv_heads, self.num_heads // kv_heads, head_dim)
+        o = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=batch.single_mask)
+        return o.reshape(n, self.num_heads, head_dim)
