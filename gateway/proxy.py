@@ -8,6 +8,7 @@ fleet is not hit with a multiple of its load.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import secrets
@@ -228,6 +229,9 @@ class Proxy:
                     replica.outstanding -= 1
         except GatewayError as err:
             status = err.code.name
+            raise
+        except asyncio.CancelledError:
+            status = "CANCELLED"  # the client went away (or the gateway stops) mid-request
             raise
         finally:
             self._release(model)

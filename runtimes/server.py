@@ -115,6 +115,15 @@ def _stream_response(served: ServedModel, request: pb.ModelInferRequest, outputs
     return message
 
 
+def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    """An error on a stream: the message starts with the gRPC status name (as the gateway's
+    do) and the response names the request, so a client can tell which one failed."""
+    response = pb.ModelStreamInferResponse(error_message=message)
+    response.infer_response.model_name = request.model_name
+    response.infer_response.id = request.id
+    return response
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The OIP RPCs over a repository. `ready` is the server's readiness flag."""
 
@@ -245,12 +254,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 served.streams -= 1
         except (InferenceError, TensorError) as exc:
-            emit(pb.ModelStreamInferResponse(error_message=str(exc)))
+            code = exc.code if isinstance(exc, InferenceError) else grpc.StatusCode.INVALID_ARGUMENT
+            emit(_stream_error(request, f"{code.name}: {exc}"))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("stream request for model '%s' failed", request.model_name)
-            emit(pb.ModelStreamInferResponse(error_message=f"internal error: {type(exc).__name__}: {exc}"))
+            emit(_stream_error(request, f"INTERNAL: internal error: {type(exc).__name__}: {exc}"))
 
     async def _predict_async(self, served: ServedModel, inputs: Tensors, parameters: Mapping[str, Any]) -> Tensors:
         """An `async def predict` (e.g. the LLM runtime, which awaits its engine) runs on the

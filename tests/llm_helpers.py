@@ -100,7 +100,7 @@ class Result:
 
 
 def make_engine(directory: Path, **config: Any) -> TorchEngine:
-    return TorchEngine(Checkpoint.open(directory), EngineConfig(device="cpu", **config))
+    return TorchEngine(Checkpoint.open(directory), EngineConfig(**{"device": "cpu", **config}))
 
 
 def run(engine: TorchEngine, requests: list[GenerationRequest], max_steps: int = 10_000) -> dict[str, Result]:

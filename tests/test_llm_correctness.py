@@ -136,3 +136,27 @@ def test_prompt_logits_match_transformers(case) -> None:
         start = end
     chunked = torch.cat(pieces)
     assert torch.allclose(chunked, theirs, atol=ATOL), (chunked - theirs).abs().max()
+
+
+def test_bfloat16_on_cpu_stays_close_to_float32(case) -> None:
+    """bfloat16 weights, cache and activations: first-token log-probabilities within 0.05
+    of float32's (bf16 keeps 8 bits of mantissa; exact tokens may differ on near ties)."""
+    directory, prompt_ids, references = case
+    engine = make_engine(directory, dtype="bfloat16", max_num_seqs=8, max_num_batched_tokens=64)
+    requests = [GenerationRequest(f"p{i}", tuple(ids), greedy(1, logprobs=TOP)) for i, ids in enumerate(prompt_ids)]
+    results = run(engine, requests)
+    for i, reference in enumerate(references):
+        top = results[f"p{i}"].top[0]
+        ids = torch.tensor([t for t, _ in top])
+        ours = torch.tensor([lp for _, lp in top])
+        assert torch.allclose(ours, reference.logprobs[0, ids], atol=0.05), (i, (ours - reference.logprobs[0, ids]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_greedy_on_gpu_matches_transformers(case) -> None:
+    directory, prompt_ids, references = case
+    engine = make_engine(directory, device="cuda", dtype="float32", max_num_seqs=8, max_num_batched_tokens=24)
+    results = run(engine, _requests(prompt_ids))
+    for i, reference in enumerate(references):
+        assert results[f"p{i}"].tokens == reference.tokens, i

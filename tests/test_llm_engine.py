@@ -349,3 +349,27 @@ async def _until(condition, timeout: float = 10.0) -> None:
     while not condition():
         assert loop.time() < deadline, "condition not reached"
         await asyncio.sleep(0.01)
+
+
+async def test_a_failing_step_fails_its_requests_not_the_engine(checkpoint: Path, tokenizer) -> None:
+    from modelgw.runtimes.llm.engine import EngineConfig, TorchEngine
+
+    class FailsOnce(TorchEngine):
+        failed = False
+
+        def step(self):
+            if not self.failed and self.scheduler.num_running:
+                self.failed = True
+                raise RuntimeError("out of memory, say")
+            return super().step()
+
+    engine = AsyncEngine(FailsOnce(Checkpoint.open(checkpoint), EngineConfig(device="cpu")), "tiny")
+    try:
+        with pytest.raises(RuntimeError, match="the engine failed: RuntimeError: out of memory, say"):
+            async for _ in engine.generate(request(tokenizer, "doomed", "Hello", greedy(8, ignore_eos=True))):
+                pass
+        assert engine.figures().kv_cache_usage == 0.0 and engine.figures().running == 0
+        outputs = [o async for o in engine.generate(request(tokenizer, "next", "Hello", greedy(3, ignore_eos=True)))]
+        assert outputs[-1].finished and outputs[-1].completion_tokens == 3
+    finally:
+        engine.shutdown()

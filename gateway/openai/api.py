@@ -29,7 +29,9 @@ from aiohttp import web
 
 from modelgw.gateway.errors import GatewayError
 from modelgw.gateway.openai.errors import InvalidRequest, error_body, error_response, stream_error
-from modelgw.gateway.openai.parsing import GenerationCall, infer_request, model_of, parse_body, parse_chat, parse_completion
+from modelgw.gateway.openai.parsing import (
+    GenerationCall, infer_request, model_of, parse_body, parse_chat, parse_completion,
+)  # fmt: skip
 from modelgw.gateway.openai.rendering import CallInfo, ChunkRenderer, Piece, completion_body, read_piece
 from modelgw.gateway.proxy import STICKY_HEADER, Proxy
 from modelgw.gateway.rest_frontend import RestAuthorizer
@@ -152,7 +154,9 @@ class OpenAIApi:
             await self.authorize(request, name)  # who asks, before saying what exists
         route = self.proxy.table.routes.get(name)
         if route is None or LLM_KIND not in self._kinds(route):
-            raise GatewayError(grpc.StatusCode.NOT_FOUND, f"the model '{name}' does not exist (no LLM model of that name)")
+            raise GatewayError(
+                grpc.StatusCode.NOT_FOUND, f"the model '{name}' does not exist (no LLM model of that name)"
+            )
         return web.json_response(self._card(name))
 
     def _check_llm(self, model: str) -> None:
@@ -239,8 +243,11 @@ class OpenAIApi:
             message.model_version = version  # the version the traffic split chose
             upstream_call = upstream.model_stream_infer(metadata=metadata, timeout=self._stream_timeout(request, model))
             watcher = asyncio.create_task(_watch_disconnect(request, upstream_call.cancel))
-            await upstream_call.write(message.SerializeToString())
-            await upstream_call.done_writing()
+            try:
+                await upstream_call.write(message.SerializeToString())
+                await upstream_call.done_writing()
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                pass  # the call failed already: reading it below says how
             # the first piece before the headers: a refused request is still a plain HTTP error
             piece = await _next_piece(upstream_call)
             response = web.StreamResponse(headers={**SSE_HEADERS, "x-request-id": request_id})

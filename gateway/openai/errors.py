@@ -73,7 +73,9 @@ def error_response(err: GatewayError) -> web.Response:
 
 # -- errors that arrive on a ModelStreamInfer stream ------------------------------------
 
-_UNAVAILABLE_HINTS = ("not ready", "shutting down", "failed to load", "is not loaded", "not served here", "has no version")
+_UNAVAILABLE_HINTS = (
+    "not ready", "shutting down", "failed to load", "is not loaded", "not served here", "has no version",
+)  # fmt: skip
 
 
 def stream_error(message: str) -> GatewayError:

@@ -143,7 +143,9 @@ def _refuse_unless_default(body: dict[str, Any], key: str, default_ok: Any, why:
 def _refuse_unsupported(body: dict[str, Any]) -> None:
     _refuse_unless_default(body, "n", lambda v: v == 1 and not isinstance(v, bool), "one choice per request (n=1)")
     for penalty in ("presence_penalty", "frequency_penalty"):
-        _refuse_unless_default(body, penalty, lambda v: v == 0 and not isinstance(v, bool), "the runtime applies no penalties")
+        _refuse_unless_default(
+            body, penalty, lambda v: v == 0 and not isinstance(v, bool), "the runtime applies no penalties"
+        )
     _refuse_unless_default(body, "logit_bias", lambda v: v == {}, "the runtime applies no logit bias")
 
 
@@ -203,7 +205,8 @@ def parse_completion(body: dict[str, Any]) -> GenerationCall:
             prompt = prompt[0]
         elif prompt and all(isinstance(p, str) for p in prompt):
             raise InvalidRequest(
-                f"batched prompts are not supported ({len(prompt)} prompts in one request): send one request per prompt",
+                f"batched prompts are not supported ({len(prompt)} prompts in one request): "
+                "send one request per prompt",
                 "prompt",
             )
         elif prompt and all(isinstance(p, (int, list)) and not isinstance(p, bool) for p in prompt):

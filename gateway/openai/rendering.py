@@ -134,7 +134,9 @@ def completion_body(info: CallInfo, piece: Piece) -> dict[str, Any]:
             "finish_reason": finish_reason(piece),
         }
     else:
-        choice = {"index": 0, "text": piece.text, "logprobs": _logprobs(info, piece), "finish_reason": finish_reason(piece)}
+        choice = {
+            "index": 0, "text": piece.text, "logprobs": _logprobs(info, piece), "finish_reason": finish_reason(piece),
+        }  # fmt: skip
     return {
         "id": info.id,
         "object": "chat.completion" if info.chat else "text_completion",
@@ -173,7 +175,9 @@ class ChunkRenderer:
             chunk["usage"] = None
         return chunk
 
-    def _choice(self, content: str | None, piece: Piece | None, reason: str | None, role: bool = False) -> dict[str, Any]:
+    def _choice(
+        self, content: str | None, piece: Piece | None, reason: str | None, role: bool = False
+    ) -> dict[str, Any]:
         logprobs = _logprobs(self.info, piece) if piece is not None else None
         if self.info.chat:
             delta: dict[str, Any] = {}

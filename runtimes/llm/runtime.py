@@ -19,6 +19,7 @@ max_num_batched_tokens, max_model_len, block_size, kv_cache_mb, max_waiting.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -153,6 +154,10 @@ def _single_text(inputs: Tensors, name: str) -> str:
         except UnicodeDecodeError as exc:
             raise InvalidInput(f"input '{name}' is not valid UTF-8: {exc}") from None
     return str(value)
+
+
+def _text_bytes(inputs: Tensors) -> int:
+    return sum(len(item) for array in inputs.values() if array.dtype == object for item in array.reshape(-1))
 
 
 def _parse_messages(text: str) -> list[dict[str, Any]]:
@@ -303,7 +308,10 @@ class LLMModel(Model):
         from modelgw.runtimes.llm.async_engine import EngineStopped
         from modelgw.runtimes.llm.scheduler import QueueFull
 
-        request = self.make_request(inputs, parameters)
+        if _text_bytes(inputs) > 16384:  # tokenizing a long prompt takes milliseconds: not on the event loop
+            request = await asyncio.to_thread(self.make_request, inputs, parameters)
+        else:
+            request = self.make_request(inputs, parameters)
         try:
             async for output in self.engine.generate(request):
                 yield output
