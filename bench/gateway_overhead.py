@@ -147,8 +147,7 @@ http {{
     scgi_temp_path {root}/scgi;
     upstream runtime {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
     server {{
-        listen 127.0.0.1:{port};
-        http2 on;
+        listen 127.0.0.1:{port} http2;  # the form nginx < 1.25 (Debian 12) knows
         location / {{ grpc_pass grpc://runtime; }}
     }}
 }}

@@ -111,14 +111,17 @@ class AsyncEngine:
             return EngineFigures(figures.waiting + queued, figures.running, figures.kv_cache_usage)
         return figures
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the thread: requests still running end with finish_reason 'cancelled'."""
+    def shutdown(self, timeout: float = 10.0) -> bool:
+        """Stop the thread: requests still running end with finish_reason 'cancelled'.
+        False if the thread is still busy after `timeout` seconds."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("model '%s': the engine thread did not stop within %.0fs", self.name, timeout)
+            return False
+        return True
 
     # -- the engine thread
 

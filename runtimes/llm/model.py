@@ -167,9 +167,16 @@ class Decoder:
             p = f"model.layers.{i}."
             attn = [f"{p}self_attn.{x}_proj" for x in ("q", "k", "v")]
             mlp = [f"{p}mlp.{x}_proj" for x in ("gate", "up")]
+            qkv = fused([f"{n}.weight" for n in attn])
+            expected = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+            if qkv.shape != (expected, config.hidden_size):
+                raise ModelLoadError(
+                    f"layer {i}: q/k/v projections have {qkv.shape[0]} rows in all, "
+                    f"config.json implies {expected}"
+                )
             layers.append(LayerWeights(
                 input_norm=take(f"{p}input_layernorm.weight"),
-                qkv=fused([f"{n}.weight" for n in attn]),
+                qkv=qkv,
                 qkv_bias=fused([f"{n}.bias" for n in attn], optional=True),
                 o=take(f"{p}self_attn.o_proj.weight"),
                 o_bias=take(f"{p}self_attn.o_proj.bias", optional=True),
@@ -179,12 +186,6 @@ class Decoder:
                 down=take(f"{p}mlp.down_proj.weight"),
                 down_bias=take(f"{p}mlp.down_proj.bias", optional=True),
             ))
-            expected = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
-            if layers[-1].qkv.shape != (expected, config.hidden_size):
-                raise ModelLoadError(
-                    f"layer {i}: q/k/v projections have {layers[-1].qkv.shape[0]} rows in all, "
-                    f"config.json implies {expected}"
-                )
         norm = take("model.norm.weight")
         lm_head = take("lm_head.weight", optional=config.tie_word_embeddings)
         if lm_head is None:

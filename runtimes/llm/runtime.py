@@ -252,9 +252,8 @@ class LLMModel(Model):
 
     def unload(self) -> None:
         engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()
-            engine.engine.close()
+        if engine is not None and engine.shutdown():
+            engine.engine.close()  # only once its thread is gone: it may still be in a step
 
     # -- requests
 
