@@ -25,6 +25,8 @@ log = logging.getLogger("modelgw.up")
 
 DEMO_MODEL = "demo"
 DEMO_RUNTIME = "pytorch"
+DEMO_LLM = "tiny-llm"
+DEMO_LLM_RUNTIME = "llm"
 
 
 def default_data_dir() -> Path:
@@ -96,10 +98,31 @@ async def _register_demo(store, data_dir: Path) -> None:
         description="demo: a 4-feature MLP returning 3 class probabilities",
         versions=[rpb.ModelVersion(version="1", uri=f"file://{model_path}", format="torchscript", runtime=DEMO_RUNTIME)],
     )
+    llm_path = await asyncio.to_thread(make_demo_llm, data_dir / "models" / DEMO_LLM / "1")
+    llm_runtime = rpb.RuntimeSpec(name=DEMO_LLM_RUNTIME, kind="llm", model_formats=["hf-llama"], replicas=1)
+    llm = rpb.ModelSpec(
+        name=DEMO_LLM,
+        description="demo: a tiny random Llama (it speaks gibberish) for the OpenAI and streaming APIs",
+        versions=[rpb.ModelVersion(version="1", uri=f"file://{llm_path}", format="hf-llama", runtime=DEMO_LLM_RUNTIME)],
+    )
     # create only: what a user changed since the first start is theirs to keep
-    for apply, spec in ((store.apply_runtime, runtime), (store.apply_model, model)):
+    for apply, spec in (
+        (store.apply_runtime, runtime),
+        (store.apply_model, model),
+        (store.apply_runtime, llm_runtime),
+        (store.apply_model, llm),
+    ):
         with contextlib.suppress(ConflictError):
             await apply(spec, expected_revision=0)
+
+
+def make_demo_llm(directory: Path) -> Path:
+    """A tiny random Llama checkpoint with a trained tokenizer and a chat template; made once."""
+    if (directory / "config.json").exists():
+        return directory
+    from modelgw.runtimes.llm.make_checkpoint import make_checkpoint
+
+    return make_checkpoint(directory, layers=2, hidden=64, heads=4, kv_heads=2, vocab=512)
 
 
 def _instructions(host: str, http_port: int, grpc_port: int, issuer: str, data_dir: Path | None) -> str:
@@ -127,6 +150,12 @@ auth = {{"authorization": "Bearer " + os.environ["TOKEN"]}}
 print(c.infer("{DEMO_MODEL}", [x], headers=auth).as_numpy("probabilities"))
 EOF
 
+Chat with the demo LLM (a tiny random Llama: expect gibberish) through the OpenAI API:
+  curl -s {http}/v1/chat/completions -H "Authorization: Bearer $TOKEN" \
+    -H 'Content-Type: application/json' \
+    -d '{{"model":"{DEMO_LLM}","messages":[{{"role":"user","content":"hello"}}],"max_tokens":16}}'
+  # or: openai.OpenAI(base_url="{http}/v1", api_key=os.environ["TOKEN"])
+
 Manage the registry:  modelgw get models --server {host}:{grpc_port} --token "$TOKEN"
                       modelgw apply -f my-model.yaml --server {host}:{grpc_port} --token "$TOKEN"
                       (or export MODELGW_TOKEN="$TOKEN" once)
@@ -138,8 +167,8 @@ async def _wait_demo_ready(gateway, timeout: float) -> bool:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
-        route = gateway.table.routes.get(DEMO_MODEL)
-        if route and any(route.replicas.values()):
+        routes = [gateway.table.routes.get(name) for name in (DEMO_MODEL, DEMO_LLM)]
+        if all(route and any(route.replicas.values()) for route in routes):
             return True
         await asyncio.sleep(0.2)
     return False
@@ -199,7 +228,7 @@ async def _up(args: argparse.Namespace) -> int:
             waiting = asyncio.ensure_future(_wait_demo_ready(gateway, 120))
             await asyncio.wait({waiting, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
             if waiting.done() and not waiting.result():
-                log.error("the demo model did not become ready within 120 s; see %s", data_dir / "logs")
+                log.error("the demo models did not become ready within 120 s; see %s", data_dir / "logs")
         if not stop.is_set():
             host = args.host if args.host != "0.0.0.0" else "127.0.0.1"
             print(_instructions(host, gateway.http_port, gateway.grpc_port, issuer.url, args.data_dir), flush=True)

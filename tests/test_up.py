@@ -103,6 +103,16 @@ def test_up_serves_the_demo_model_and_keeps_its_registry(tmp_path: Path) -> None
         result = client.infer("demo", [x], headers=auth)
         np.testing.assert_allclose(result.as_numpy("probabilities"), expected[1:], rtol=1e-5, atol=1e-6)
 
+        # the demo LLM answers the unmodified openai SDK with the same token
+        import openai
+
+        llm = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key=token)
+        chat = llm.chat.completions.create(
+            model="tiny-llm", messages=[{"role": "user", "content": "hello"}], max_tokens=8, temperature=0
+        )
+        assert chat.choices[0].finish_reason in ("stop", "length")
+        assert 0 < chat.usage.completion_tokens <= 8 and chat.usage.prompt_tokens > 0
+
         # a model a user applies must survive a restart of `up`
         manifest = tmp_path / "extra.yaml"
         manifest.write_text(
@@ -115,8 +125,11 @@ def test_up_serves_the_demo_model_and_keeps_its_registry(tmp_path: Path) -> None
             capture_output=True, text=True, cwd=REPO, timeout=60,
         )  # fmt: skip
         assert applied.returncode == 0, applied.stderr
-        runtime_pids = children_of(process.pid)
-        assert runtime_pids, "up should have started a runtime replica"
+        runtime_pids = [
+            pid for pid in children_of(process.pid)
+            if b"runtime\x00serve" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert len(runtime_pids) == 2, "up should have started one pytorch and one llm replica"
     finally:
         code = stop(process)
     assert code == 0, log.read_text()[-3000:]
