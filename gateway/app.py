@@ -28,9 +28,8 @@ from modelgw.gateway.proxy import Proxy, ProxyLimits
 from modelgw.gateway.rest_frontend import RestFrontend, make_app
 from modelgw.gateway.routing import RoutingTable
 from modelgw.gateway.upstream import UpstreamPool
-from modelgw.registry.keys import DEFAULT_PREFIX
+from modelgw.registry.keys import DEFAULT_PREFIX, Section
 from modelgw.registry.store import RegistryStore
-from modelgw.registry.keys import Section
 from modelgw.registry.view import Change, RegistryView
 
 log = logging.getLogger(__name__)

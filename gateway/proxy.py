@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 
 from modelgw.gateway import metrics
 from modelgw.gateway.errors import GatewayError
-from modelgw.gateway.routing import Replica, RoutingTable
+from modelgw.gateway.routing import ModelRoute, Replica, RoutingTable
 from modelgw.gateway.upstream import Upstream, UpstreamPool
 from modelgw.gateway.wire import with_version
 from modelgw.protos import inference_pb2 as pb
@@ -69,6 +69,13 @@ _ID_COUNTER = itertools.count(1)
 
 def new_request_id() -> str:
     return f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
+
+
+def request_timeout(route: ModelRoute | None, client_timeout: float | None) -> float | None:
+    """The smaller of the client's and the model's timeouts; None when neither is set."""
+    model_timeout = route.spec.limits.timeout_seconds if route else 0.0
+    candidates = [t for t in (client_timeout, model_timeout) if t]
+    return min(candidates) if candidates else None
 
 
 class RetryBudget:
@@ -162,12 +169,6 @@ class Proxy:
             out.append((SUBJECT_HEADER, subject))
         return out, request_id
 
-    def _timeout(self, model: str, client_timeout: float | None) -> float:
-        route = self.table.routes.get(model)
-        model_timeout = route.spec.limits.timeout_seconds if route else 0.0
-        candidates = [t for t in (client_timeout, model_timeout) if t]
-        return min(candidates) if candidates else self.limits.default_timeout
-
     # -- unary ---------------------------------------------------------------------------
 
     async def unary(
@@ -190,7 +191,7 @@ class Proxy:
         chosen_version, runtime, status = version, "", "OK"
         self.budget.deposit()
         try:
-            deadline = time.monotonic() + self._timeout(model, timeout)
+            deadline = time.monotonic() + (request_timeout(route, timeout) or self.limits.default_timeout)
             tried: Replica | None = None
             attempt = 0
             while True:

@@ -19,7 +19,7 @@ from modelgw import __version__
 from modelgw.gateway import metrics, rest_codec
 from modelgw.gateway.errors import GatewayError
 from modelgw.gateway.grpc_frontend import EXTENSIONS
-from modelgw.gateway.proxy import STICKY_HEADER, Proxy
+from modelgw.gateway.proxy import PROPAGATED, STICKY_HEADER, Proxy
 from modelgw.protos import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -36,12 +36,29 @@ def error_response(err: GatewayError) -> web.Response:
     return web.json_response({"error": err.message}, status=err.http_status, headers=getattr(err, "headers", None))
 
 
+# grpc-timeout units (the gRPC over HTTP/2 spec): hours, minutes, seconds, milli-, micro-, nanoseconds
+_GRPC_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
 def _timeout(request: web.Request) -> float | None:
-    value = request.headers.get("grpc-timeout") or request.headers.get("x-modelgw-timeout")
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
+    """The client's deadline in seconds: `x-modelgw-timeout: 2.5` or, as gRPC writes it,
+    `grpc-timeout: 2500m`. A value that is neither is ignored (the model's timeout applies)."""
+    value = request.headers.get("x-modelgw-timeout")
+    if value:
+        try:
+            seconds = float(value)
+            return seconds if seconds > 0 else None
+        except ValueError:
+            return None
+    value = request.headers.get("grpc-timeout", "")
+    if 2 <= len(value) <= 9 and value[:-1].isdigit() and value[-1] in _GRPC_TIMEOUT_UNITS:
+        return int(value[:-1]) * _GRPC_TIMEOUT_UNITS[value[-1]] or None
+    return None
+
+
+def forwarded_headers(request: web.Request) -> list[tuple[str, str]]:
+    """The request's headers that travel on to the runtime (Proxy.outbound_metadata)."""
+    return [(key, value) for key in PROPAGATED for value in request.headers.getall(key, ())]
 
 
 class RestFrontend:
@@ -82,8 +99,7 @@ class RestFrontend:
     ) -> bytes:
         if subject is _ASK:
             subject = await self.authorize(request, model) if self.authorize else None
-        incoming = [(k.lower(), v) for k, v in request.headers.items()]
-        metadata, _ = Proxy.outbound_metadata(incoming, subject)
+        metadata, _ = Proxy.outbound_metadata(forwarded_headers(request), subject)
         return await self.proxy.unary(
             method,
             message,

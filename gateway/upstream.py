@@ -49,6 +49,8 @@ class UpstreamPool:
             ("grpc.max_reconnect_backoff_ms", 2_000),
         ]
         self._upstreams: dict[str, Upstream] = {}
+        # channels closing in the background: the loop keeps only weak references to tasks
+        self._closing: set[asyncio.Task] = set()
 
     def get(self, address: str) -> Upstream:
         upstream = self._upstreams.get(address)
@@ -61,9 +63,11 @@ class UpstreamPool:
         keep = set(addresses)
         for address in [a for a in self._upstreams if a not in keep]:
             upstream = self._upstreams.pop(address)
-            asyncio.ensure_future(upstream.channel.close(grace=5.0))
+            task = asyncio.ensure_future(upstream.channel.close(grace=5.0))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
             log.debug("closed channel to %s", address)
 
     async def close(self) -> None:
         upstreams, self._upstreams = list(self._upstreams.values()), {}
-        await asyncio.gather(*(u.channel.close() for u in upstreams), return_exceptions=True)
+        await asyncio.gather(*(u.channel.close() for u in upstreams), *self._closing, return_exceptions=True)

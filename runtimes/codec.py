@@ -338,12 +338,7 @@ def add_output(
     raw: bool = True,
 ) -> None:
     """Append one output to a response, as raw contents (like Triton) or typed contents."""
-    datatype = datatype or datatype_of(array)
-    tensor = response.outputs.add(name=name, datatype=datatype, shape=np.shape(array))
-    if raw:
-        response.raw_output_contents.append(encode_raw(name, array, datatype))
-    else:
-        encode_contents(name, array, tensor.contents, datatype)
+    _add_tensor(response.outputs, response.raw_output_contents, name, array, datatype, raw)
 
 
 def add_input(
@@ -355,10 +350,15 @@ def add_input(
     raw: bool = True,
 ) -> None:
     """Append one input to a request (used by our own clients and benchmarks)."""
+    _add_tensor(request.inputs, request.raw_input_contents, name, array, datatype, raw)
+
+
+def _add_tensor(tensors: Any, raw_contents: Any, name: str, array: np.ndarray, datatype: str | None, raw: bool) -> None:
+    """Append a tensor to `tensors`, its data to `raw_contents` or to its typed contents."""
     datatype = datatype or datatype_of(array)
-    tensor = request.inputs.add(name=name, datatype=datatype, shape=np.shape(array))
+    tensor = tensors.add(name=name, datatype=datatype, shape=np.shape(array))
     if raw:
-        request.raw_input_contents.append(encode_raw(name, array, datatype))
+        raw_contents.append(encode_raw(name, array, datatype))
     else:
         encode_contents(name, array, tensor.contents, datatype)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import inspect
 import itertools
 import logging
 import os
@@ -67,7 +68,7 @@ class ServedModel:
     """A READY model as the server uses it on every request."""
 
     __slots__ = ("name", "version", "uri", "model", "metadata", "validator", "runner",
-                 "streaming", "can_predict", "output_datatypes", "output_names", "streams", "_seq")
+                 "streaming", "can_predict", "async_predict", "output_datatypes", "output_names", "streams", "_seq")
 
     def __init__(self, model: Model, uri: str, metadata: ModelMetadata, runner: Runner, seq: int) -> None:
         self.name = model.name
@@ -79,6 +80,7 @@ class ServedModel:
         self.runner = runner
         self.streaming = model.streaming
         self.can_predict = model.has_predict
+        self.async_predict = inspect.iscoroutinefunction(model.predict)  # awaited on the loop, unbatched
         self.output_datatypes = {s.name: s.datatype for s in metadata.outputs}
         self.output_names = tuple(self.output_datatypes)
         self.streams = 0  # generate() calls in progress (predict calls are the runner's)

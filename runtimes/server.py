@@ -30,7 +30,6 @@ ready; each model name is a service of its own, SERVING while a version of it is
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from types import MappingProxyType
@@ -175,10 +174,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     f"model '{served.name}' streams its responses; call ModelStreamInfer"
                 )
             inputs, parameters, names, rows = _prepare(served, request)
-            if inspect.iscoroutinefunction(served.model.predict):
-                outputs = await self._predict_async(served, inputs, parameters)
-            else:
-                outputs = await served.runner.submit(inputs, parameters, rows)
+            outputs = await self._predict(served, inputs, parameters, rows)
             response = pb.ModelInferResponse(
                 model_name=served.name, model_version=served.version, id=request.id
             )
@@ -233,7 +229,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             served = self.repository.get(request.model_name, request.model_version)
             inputs, parameters, names, rows = _prepare(served, request)
             if not served.streaming:
-                outputs = await served.runner.submit(inputs, parameters, rows)
+                outputs = await self._predict(served, inputs, parameters, rows)
                 emit(_stream_response(served, request, outputs, names, final=True))
                 return
             empty_final = request.parameters[EMPTY_FINAL].bool_param if EMPTY_FINAL in request.parameters else False
@@ -261,6 +257,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:
             log.exception("stream request for model '%s' failed", request.model_name)
             emit(_stream_error(request, f"INTERNAL: internal error: {type(exc).__name__}: {exc}"))
+
+    async def _predict(self, served: ServedModel, inputs: Tensors, parameters: Mapping[str, Any], rows: int) -> Tensors:
+        """One request's outputs from predict: through the model's runner (thread pool,
+        batching), or awaited on the loop for an `async def predict`."""
+        if served.async_predict:
+            return await self._predict_async(served, inputs, parameters)
+        return await served.runner.submit(inputs, parameters, rows)
 
     async def _predict_async(self, served: ServedModel, inputs: Tensors, parameters: Mapping[str, Any]) -> Tensors:
         """An `async def predict` (e.g. the LLM runtime, which awaits its engine) runs on the

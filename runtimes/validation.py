@@ -90,6 +90,8 @@ class RequestValidator:
             if len(given) != len(tensors):
                 raise InvalidInput(f"an input of model '{self._model}' is given more than once")
         if self._max_batch_size:
+            if not tensors:  # every input optional and none given: no dim 0 to batch on
+                raise InvalidInput(f"the request has no inputs; model '{self._model}' takes: {self._input_names}")
             if batch < 1 or batch > self._max_batch_size:
                 raise InvalidInput(
                     f"batch size {batch} (dim 0 of input '{tensors[0].name}') is outside "

@@ -33,8 +33,8 @@ from modelgw.gateway.openai.parsing import (
     GenerationCall, infer_request, model_of, parse_body, parse_chat, parse_completion,
 )  # fmt: skip
 from modelgw.gateway.openai.rendering import CallInfo, ChunkRenderer, Piece, completion_body, read_piece
-from modelgw.gateway.proxy import STICKY_HEADER, Proxy
-from modelgw.gateway.rest_frontend import RestAuthorizer
+from modelgw.gateway.proxy import STICKY_HEADER, Proxy, request_timeout
+from modelgw.gateway.rest_frontend import RestAuthorizer, forwarded_headers
 from modelgw.gateway.rest_frontend import _timeout as client_timeout
 from modelgw.gateway.routing import ModelRoute
 from modelgw.protos import inference_pb2 as pb
@@ -184,8 +184,7 @@ class OpenAIApi:
         subject = await self.authorize(request, model_of(body)) if self.authorize else None
         call = parse_chat(body) if chat else parse_completion(body)
         self._check_llm(call.model)
-        incoming = [(k.lower(), v) for k, v in request.headers.items()]
-        metadata, request_id = Proxy.outbound_metadata(incoming, subject)
+        metadata, request_id = Proxy.outbound_metadata(forwarded_headers(request), subject)
         info = CallInfo(
             chat=chat,
             id=("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
@@ -220,9 +219,7 @@ class OpenAIApi:
     def _stream_timeout(self, request: web.Request, model: str) -> float | None:
         """The model's timeout and the client's, if any: a stream has no default deadline
         (the client ends it by going away)."""
-        route = self.proxy.table.routes.get(model)
-        candidates = [t for t in (client_timeout(request), route.spec.limits.timeout_seconds if route else 0.0) if t]
-        return min(candidates) if candidates else None
+        return request_timeout(self.proxy.table.routes.get(model), client_timeout(request))
 
     async def _stream(
         self, request: web.Request, call: GenerationCall, info: CallInfo, message: pb.ModelInferRequest,
