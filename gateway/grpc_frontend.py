@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -155,11 +156,17 @@ class InferenceFrontend:
                 response.infer_response.id = request_id
             await out.put(response.SerializeToString())
 
-        async def read_upstream(call: grpc.aio.StreamStreamCall) -> None:
+        # one upstream stream counts as one request against the model's in-flight limit and
+        # in the request metrics; released when this client stream ends (the finally below,
+        # which runs even for reader tasks cancelled before they started)
+        admitted: list[list] = []  # [model, version, runtime, started, status]
+
+        async def read_upstream(call: grpc.aio.StreamStreamCall, record: list) -> None:
             try:
                 async for response in call:
                     await out.put(response)
             except grpc.aio.AioRpcError as err:
+                record[4] = err.code().name
                 if err.code() != grpc.StatusCode.CANCELLED:
                     await error(f"{err.code().name}: {err.details()}")
 
@@ -169,9 +176,17 @@ class InferenceFrontend:
                 del calls[(model, version)]  # that replica's stream ended (e.g. it died)
                 entry = None
             if entry is None:
-                upstream, _, chosen = self.proxy.open_stream(model, version, metadata=metadata, sticky_key=sticky)
+                self.proxy.admit(model)  # RESOURCE_EXHAUSTED at the model's or the gateway's cap
+                record = [model, version, "", time.perf_counter(), "OK"]
+                admitted.append(record)
+                try:
+                    upstream, replica, chosen = self.proxy.open_stream(model, version, metadata=metadata, sticky_key=sticky)
+                except GatewayError as err:
+                    record[4] = err.code.name
+                    raise
+                record[1], record[2] = chosen, replica.runtime
                 entry = calls[(model, version)] = (upstream.model_stream_infer(metadata=metadata), chosen)
-                readers.append(asyncio.create_task(read_upstream(entry[0])))
+                readers.append(asyncio.create_task(read_upstream(entry[0], record)))
             return entry
 
         async def read_client() -> None:
@@ -208,3 +223,5 @@ class InferenceFrontend:
                 call.cancel()
             for task in readers:
                 task.cancel()
+            for model, version, runtime, started, status in admitted:
+                self.proxy.finish(model, (version, runtime, "grpc-stream", status), time.perf_counter() - started)

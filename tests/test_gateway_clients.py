@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,6 +232,7 @@ def test_streaming_through_model_stream_infer(deployment: Deployment) -> None:
     text = "streams pass through the gateway"
     expected = asyncio.run(_generate_directly(text))
     assert len(expected) == 5
+    before = deployment.gateway.metrics()
     responses: queue.Queue = queue.Queue()
     client = triton.InferenceServerClient(deployment.gateway.grpc_url)
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
@@ -251,6 +253,24 @@ def test_streaming_through_model_stream_infer(deployment: Deployment) -> None:
     assert len(unary) == 1
     expected_unary = deployment.expected(TORCH_MODEL, inputs)
     assert np.allclose(unary[0][1]["y"], expected_unary["y"], rtol=1e-5, atol=1e-6)
+
+    # each model's upstream stream is counted once, and leaves the in-flight gauge, when
+    # the client's stream has ended (the gateway notices that asynchronously: poll)
+    def settled() -> bool:
+        after = deployment.gateway.metrics()
+        for model in (STREAM_MODEL, TORCH_MODEL):
+            labels = dict(model=model, protocol="grpc-stream", status="OK")
+            counted = metric_value(after, "modelgw_requests_total", **labels)
+            counted -= metric_value(before, "modelgw_requests_total", **labels)
+            assert counted <= 1, model
+            if counted != 1 or metric_value(after, "modelgw_in_flight_requests", model=model) != 0:
+                return False
+        return True
+
+    deadline = time.monotonic() + 30
+    while not settled():
+        assert time.monotonic() < deadline, "stream requests were not counted (or not released)"
+        time.sleep(0.1)
 
 
 def test_streaming_errors_are_reported_on_the_stream(deployment: Deployment) -> None:

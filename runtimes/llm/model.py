@@ -12,8 +12,10 @@ them. Only attention looks at sequences separately:
 
 Logits are computed for the rows the sampler needs only (`StepBatch.logits_index`).
 Weights are plain tensors (no nn.Module): q/k/v are fused into one projection, and so are
-gate/up, which saves matmul calls per layer. The model runner owns the cache tensors
-and builds the StepBatch.
+gate/up, which saves matmul calls per layer. On the CPU in float32 the projection
+weights are kept in oneDNN's blocked layout (`pack_linear_weight`): the decode step is
+a chain of few-row matmuls, and these run about twice as fast as F.linear's there. The
+model runner owns the cache tensors and builds the StepBatch.
 """
 
 from __future__ import annotations
@@ -91,6 +93,25 @@ def rope_tables(config: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.
     angles = torch.outer(positions, inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight in oneDNN's blocked layout when that helps (float32 on a CPU whose torch
+    has oneDNN), else as it is. Use it with `linear`."""
+    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available()
+            or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return weight
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, 16)  # 16: the row count it is tuned for
+    except RuntimeError:
+        return weight
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, for plain or `pack_linear_weight`-packed weights."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -186,10 +207,13 @@ class Decoder:
                 down=take(f"{p}mlp.down_proj.weight"),
                 down_bias=take(f"{p}mlp.down_proj.bias", optional=True),
             ))
+        for layer in layers:
+            for name in ("qkv", "o", "gate_up", "down"):
+                setattr(layer, name, pack_linear_weight(getattr(layer, name)))
         norm = take("model.norm.weight")
         lm_head = take("lm_head.weight", optional=config.tie_word_embeddings)
-        if lm_head is None:
-            lm_head = embed
+        # a tied head stays the embedding itself: a packed copy would double its memory
+        lm_head = embed if lm_head is None else pack_linear_weight(lm_head)
         return cls(config, embed, layers, norm, lm_head, max_len)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -210,7 +234,7 @@ class Decoder:
         sin = self.sin[batch.positions].unsqueeze(1)
         for index, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer.input_norm)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qkv = linear(h, layer.qkv, layer.qkv_bias)
             qk = qkv[:, : q_size + kv_size].view(tokens, heads + kv_heads, head_dim)
             qk = qk * cos + _rotate_half(qk) * sin  # q and k rotated in one go
             q = qk[:, :heads]
@@ -218,14 +242,14 @@ class Decoder:
             v = qkv[:, q_size + kv_size:].view(tokens, kv_heads, head_dim)
             cache.write(index, batch.slot_mapping, k, v)
             attn = self._attention(index, q, k, v, batch, cache)
-            x = x + F.linear(attn, layer.o, layer.o_bias)
+            x = x + linear(attn, layer.o, layer.o_bias)
             h = self._rms_norm(x, layer.post_norm)
-            gate, up = F.linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+            gate, up = linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, layer.down, layer.down_bias)
         if batch.logits_index is not None:
             x = x[batch.logits_index]
         x = self._rms_norm(x, self.norm)
-        return F.linear(x, self.lm_head).float()
+        return linear(x, self.lm_head).float()
 
     def _attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    batch: StepBatch, cache: KVCache) -> torch.Tensor:
