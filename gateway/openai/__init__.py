@@ -1,7 +1,7 @@
 """The OpenAI API of the gateway: /v1/models, /v1/completions, /v1/chat/completions.
 
 Served for models whose runtimes are of kind `llm`, speaking the LLM contract
-(notes/LLM_CONTRACT.md) to them over the same gRPC service as every other request.
+(runtimes/llm/CONTRACT.md) to them over the same gRPC service as every other request.
 
 - parsing:   OpenAI request bodies -> the contract's ModelInferRequest
 - rendering: the contract's responses -> OpenAI bodies and stream chunks

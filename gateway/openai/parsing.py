@@ -1,4 +1,4 @@
-"""OpenAI request bodies -> the LLM contract's ModelInferRequest (notes/LLM_CONTRACT.md).
+"""OpenAI request bodies -> the LLM contract's ModelInferRequest (runtimes/llm/CONTRACT.md).
 
     body = parse_body(raw)                   # a JSON object, else InvalidRequest
     call = parse_completion(body)            # or parse_chat(body)

@@ -4,7 +4,7 @@ with a paged KV cache, continuous batching and token streaming.
     modelgw llm make-checkpoint /tmp/tiny                # a small random Llama, offline
     modelgw runtime serve --kind llm --model tiny=/tmp/tiny --port 8001
 
-Modules, each one responsibility (the wire contract is /work/notes/LLM_CONTRACT.md):
+Modules, each one responsibility (the wire contract is runtimes/llm/CONTRACT.md):
 
     checkpoint.py      config.json, safetensors weights, tokenizer.json, chat template
     model.py           the decoder (RMSNorm, RoPE with scaling, GQA, SwiGLU) over a paged cache

@@ -3,7 +3,7 @@
     modelgw runtime serve --kind llm --model tiny=/models/tiny --port 8001 \
         --option max_num_seqs=32 --option threads=2
 
-Inputs, outputs and parameters follow the LLM contract (notes/LLM_CONTRACT.md):
+Inputs, outputs and parameters follow the LLM contract (runtimes/llm/CONTRACT.md):
 `text_input` (BYTES [1], a prompt) or `messages` (BYTES [1], JSON chat messages rendered
 with the checkpoint's chat template), optional `sampling_parameters` (BYTES [1], a JSON
 object); sampling parameters in the request's parameters too (those win). Outputs
