@@ -87,7 +87,7 @@ def parse_lease_ttl(text: str) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    runtime = subparsers.add_parser("runtime", help="run a model runtime (pytorch, onnx, python)")
+    runtime = subparsers.add_parser("runtime", help="run a model runtime (pytorch, onnx, python, llm)")
     commands = runtime.add_subparsers(dest="runtime_command", metavar="COMMAND", required=True)
     serve = commands.add_parser(
         "serve",
