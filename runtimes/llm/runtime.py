@@ -23,7 +23,8 @@ import asyncio
 import itertools
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -39,6 +40,29 @@ _FLOAT_PARAMETERS = ("temperature", "top_p")
 _BOOL_PARAMETERS = ("ignore_eos",)
 _LIST_PARAMETERS = ("stop", "stop_token_ids")
 SAMPLING_KEYS = frozenset(_INT_PARAMETERS + _FLOAT_PARAMETERS + _BOOL_PARAMETERS + _LIST_PARAMETERS)
+
+
+def _in_own_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) in a thread that ends with it. Loading the weights runs torch's OpenMP
+    kernels, which give the calling thread a pool of OpenMP workers for the rest of its
+    life; the engine thread gets a pool of its own, and with two pools on the machine's
+    cores libgomp stops spinning between kernels (every kernel then wakes its workers
+    from sleep: ~30% slower decode steps here). A thread that exits frees its pool."""
+    result: list = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn(*args))
+        except BaseException as exc:  # re-raised in the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=run, name="llm-load")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
 
 
 class ResponseTensors(dict):
@@ -244,7 +268,7 @@ class LLMModel(Model):
         )
         self.checkpoint = Checkpoint.open(self.uri)
         self.tokenizer = self.checkpoint.tokenizer
-        engine = create_engine(self.checkpoint, config)
+        engine = _in_own_thread(create_engine, self.checkpoint, config)
         self.platform = f"llm_{config.engine}"
         self.max_model_len = engine.max_model_len
         self.engine = AsyncEngine(engine, self.name)
