@@ -31,7 +31,6 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -41,7 +40,8 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from gateway_overhead import PREFIX, RUNTIME, runtime_server  # noqa: E402  (sibling scripts)
 from runtime_throughput import (  # noqa: E402
-    MODEL_INFER,
+    drive,
+    print_errors,
     MODEL_NAME,
     Result,
     Server,
@@ -119,48 +119,17 @@ def wait_ready(server: Server, metadata: tuple, timeout: float = 120.0) -> None:
             time.sleep(0.2)
 
 
-async def drive(
-    port: int, payload: bytes, metadata: tuple, concurrency: int, seconds: float, max_requests: int
-) -> tuple[list[float], float, Counter[str]]:
-    """runtime_throughput.drive, with request metadata."""
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_unary(MODEL_INFER)
-        await call(payload, timeout=30, metadata=metadata)  # connected (and the token verified) before the clock
-        issued = 0
-        start = time.perf_counter()
-        stop_at = start + seconds
-        last_done = start
-
-        async def worker() -> None:
-            nonlocal issued, last_done
-            while issued < max_requests and time.perf_counter() < stop_at:
-                issued += 1
-                sent = time.perf_counter()
-                try:
-                    await call(payload, timeout=30, metadata=metadata)
-                except grpc.aio.AioRpcError as exc:
-                    errors[f"{exc.code().name}: {exc.details()}"] += 1
-                    continue
-                last_done = time.perf_counter()
-                latencies.append(last_done - sent)
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, last_done - start, errors
-
-
 async def measure(
     targets: list[tuple[Server, tuple]], payload: bytes, levels: list[int], args: argparse.Namespace
 ) -> dict[tuple[str, int], Result]:
     results: dict[tuple[str, int], Result] = {}
     for n in levels:
         for server, metadata in targets:
-            await drive(server.port, payload, metadata, n, args.warmup, args.max_requests)
+            await drive(server.port, payload, n, args.warmup, args.max_requests, metadata)
             results[(server.label, n)] = Result(server.label, n)
         for _ in range(args.rounds):
             for server, metadata in targets:
-                run = await drive(server.port, payload, metadata, n, args.duration / args.rounds, args.max_requests)
+                run = await drive(server.port, payload, n, args.duration / args.rounds, args.max_requests, metadata)
                 results[(server.label, n)].add(*run)
         for server, _ in targets:
             r = results[(server.label, n)]
@@ -196,10 +165,7 @@ def print_table(results: dict[tuple[str, int], Result], levels: list[int]) -> No
             f"{on.rps:>9.0f} {on.percentile_ms(50):>7.2f} {on.percentile_ms(99):>7.2f} | "
             f"{on.rps / off.rps:>6.3f} {on.percentile_ms(50) - off.percentile_ms(50):>+7.3f}ms"
         )
-    for r in results.values():
-        if r.errors:
-            error, count = r.errors.most_common(1)[0]
-            print(f"! {r.server} at concurrency {r.concurrency}: {count} x {error}")
+    print_errors(results)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

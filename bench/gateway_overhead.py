@@ -51,6 +51,7 @@ from runtime_throughput import (  # noqa: E402  (a sibling script, not a package
     build_request,
     check_output,
     measure,
+    print_errors,
     profile,
     thread_env,
 )
@@ -192,10 +193,7 @@ def print_table(results: dict[tuple[str, int], Result], levels: list[int], label
               "bare +p50 = its own added p50, i.e. what Python gRPC costs a hop before any gateway logic")
     if "nginx" in labels:
         print("gw/nginx = ratio of req/s against nginx grpc_pass; nginx +p50 = nginx's added p50")
-    for r in results.values():
-        if r.errors:
-            error, count = r.errors.most_common(1)[0]
-            print(f"! {r.server} at concurrency {r.concurrency}: {count} x {error}")
+    print_errors(results)
 
 
 # ------------------------------------------------------------------ main

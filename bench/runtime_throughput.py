@@ -305,7 +305,7 @@ def check_output(server: Server, request: pb.ModelInferRequest, expected: np.nda
 
 
 async def drive(
-    port: int, payload: bytes, concurrency: int, seconds: float, max_requests: int
+    port: int, payload: bytes, concurrency: int, seconds: float, max_requests: int, metadata: tuple = ()
 ) -> tuple[list[float], float, Counter[str]]:
     """`concurrency` workers send `payload` back to back on one channel until `seconds`
     pass or `max_requests` were sent: (latencies, elapsed seconds, errors). Request and
@@ -314,7 +314,7 @@ async def drive(
     errors: Counter[str] = Counter()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         call = channel.unary_unary(MODEL_INFER)  # no (de)serializers: bytes in, bytes out
-        await call(payload, timeout=30)  # connected before the clock starts
+        await call(payload, timeout=30, metadata=metadata)  # connected (token verified) before the clock starts
         issued = 0
         start = time.perf_counter()
         stop_at = start + seconds
@@ -326,7 +326,7 @@ async def drive(
                 issued += 1
                 sent = time.perf_counter()
                 try:
-                    await call(payload, timeout=30)
+                    await call(payload, timeout=30, metadata=metadata)
                 except grpc.aio.AioRpcError as exc:
                     errors[f"{exc.code().name}: {exc.details()}"] += 1
                     continue
@@ -469,6 +469,11 @@ def print_table(results: dict[tuple[str, int], Result], levels: list[int]) -> No
             f"c={r.concurrency} {r.rps:.0f} req/s p50 {r.percentile_ms(50):.2f} ms" for r in ceiling
         )
         print(f"ceiling, an empty grpc.aio handler (no model), same load generator: {figures}")
+    print_errors(results)
+
+
+def print_errors(results: dict) -> None:
+    """One line per (target, level) that saw errors: the most common one and its count."""
     for r in results.values():
         if r.errors:
             error, count = r.errors.most_common(1)[0]
