@@ -107,12 +107,16 @@ class AdminApi:
             elif spec.name != name:
                 raise ValidationError(f"{what}/{name}: name: the body names '{spec.name}' but the URL names '{name}'")
 
-    async def apply_model(self, request: web.Request) -> web.Response:
-        spec = await _body(request, rpb.ModelSpec, "models")
-        self._check_name(request, spec, "models")
-        result = await self.store.apply_model(spec, _expected_revision(request))
+    async def _apply(self, request: web.Request, cls: type, what: str, apply: Callable[..., Awaitable[Any]]) -> web.Response:
+        """POST or PUT of a model or runtime: 201 when created, 200 otherwise; ETag = revision."""
+        spec = await _body(request, cls, what)
+        self._check_name(request, spec, what)
+        result = await apply(spec, _expected_revision(request))
         status = 201 if result.outcome == rpb.CREATED else 200
         return _json(result.record, status, result.record.revision)
+
+    async def apply_model(self, request: web.Request) -> web.Response:
+        return await self._apply(request, rpb.ModelSpec, "models", self.store.apply_model)
 
     async def get_model(self, request: web.Request) -> web.Response:
         record = await self.store.get_model(request.match_info["name"])
@@ -126,11 +130,7 @@ class AdminApi:
         return _json(rpb.DeleteResponse(revision=revision))
 
     async def apply_runtime(self, request: web.Request) -> web.Response:
-        spec = await _body(request, rpb.RuntimeSpec, "runtimes")
-        self._check_name(request, spec, "runtimes")
-        result = await self.store.apply_runtime(spec, _expected_revision(request))
-        status = 201 if result.outcome == rpb.CREATED else 200
-        return _json(result.record, status, result.record.revision)
+        return await self._apply(request, rpb.RuntimeSpec, "runtimes", self.store.apply_runtime)
 
     async def get_runtime(self, request: web.Request) -> web.Response:
         record = await self.store.get_runtime(request.match_info["name"])
