@@ -166,7 +166,7 @@ class RuntimeProcess:
 
 def stream_request(prompt: str, max_tokens: int):
     from modelgw.protos import inference_pb2 as pb
-    from modelgw.runtimes.codec import add_input, set_parameter
+    from modelgw.oip.codec import add_input, set_parameter
 
     request = pb.ModelInferRequest(model_name="bench")
     add_input(request, "text_input", np.array([prompt.encode()], dtype=object), "BYTES")
@@ -199,7 +199,7 @@ async def closed_loop(concurrency: int, requests: int, level_seconds: float, one
 async def run_modelgw_level(port: int, concurrency: int, requests: int, max_tokens: int,
                             level_seconds: float, first_index: int = 0) -> tuple[list[RequestTiming], float]:
     from modelgw.protos import inference_pb2_grpc as pb_grpc
-    from modelgw.runtimes.codec import decode_response_outputs
+    from modelgw.oip.codec import decode_response_outputs
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)

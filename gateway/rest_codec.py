@@ -17,7 +17,7 @@ import numpy as np
 
 from modelgw.gateway.errors import GatewayError
 from modelgw.protos import inference_pb2 as pb
-from modelgw.runtimes import codec
+from modelgw.oip import codec
 
 # Parameters of the binary extension: consumed here, never forwarded.
 _BINARY_PARAMS = ("binary_data_size", "binary_data", "binary_data_output")

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from modelgw.runtimes.codec import DATATYPES
+from modelgw.oip.codec import DATATYPES
 
 Tensors = dict[str, np.ndarray]
 

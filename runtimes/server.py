@@ -42,7 +42,7 @@ from grpc_health.v1.health import aio as health_aio
 import modelgw
 from modelgw.protos import inference_pb2 as pb
 from modelgw.protos import inference_pb2_grpc as pb_grpc
-from modelgw.runtimes.codec import TensorError, add_output, decode_request_inputs, parameters_dict, set_parameter
+from modelgw.oip.codec import TensorError, add_output, decode_request_inputs, parameters_dict, set_parameter
 from modelgw.runtimes.errors import InferenceError, InvalidInput
 from modelgw.runtimes.model import REQUEST_METADATA, Tensors
 from modelgw.runtimes.repository import ModelRepository, ModelState, ServedModel

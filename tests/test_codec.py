@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from modelgw.protos import inference_pb2 as pb
-from modelgw.runtimes import codec
-from modelgw.runtimes.codec import TensorError
+from modelgw.oip import codec
+from modelgw.oip.codec import TensorError
 
 torch = pytest.importorskip("torch")
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from modelgw.gateway.wire import WireError, routing_fields
 from modelgw.protos import inference_pb2 as pb
-from modelgw.runtimes import codec
+from modelgw.oip import codec
 
 names = st.text(min_size=0, max_size=40)
 

@@ -15,7 +15,7 @@ from modelgw.gateway.openai.errors import InvalidRequest, describe, stream_error
 from modelgw.gateway.openai.parsing import infer_request, parse_body, parse_chat, parse_completion
 from modelgw.gateway.openai.rendering import CallInfo, ChunkRenderer, completion_body, read_piece
 from modelgw.protos import inference_pb2 as pb
-from modelgw.runtimes.codec import add_output, decode_request_inputs, parameters_dict, set_parameter
+from modelgw.oip.codec import add_output, decode_request_inputs, parameters_dict, set_parameter
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo"}]
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from modelgw.gateway.openai.errors import InvalidRequest
 from modelgw.protos import inference_pb2 as pb
-from modelgw.runtimes.codec import add_input, set_parameter
+from modelgw.oip.codec import add_input, set_parameter
 
 _INT64 = 2**63
 

@@ -19,7 +19,7 @@ import grpc
 
 from modelgw.gateway.errors import GatewayError
 from modelgw.protos import inference_pb2 as pb
-from modelgw.runtimes.codec import TensorError, decode_response_outputs, parameter_value
+from modelgw.oip.codec import TensorError, decode_response_outputs, parameter_value
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,5 @@
+"""The Open Inference Protocol (KServe v2 / Triton) as modelgw speaks it: the ground floor
+that the gateway and the runtimes both import, and that imports neither.
+
+    codec   tensors <-> ModelInfer messages (typed and raw contents), parameters
+"""
