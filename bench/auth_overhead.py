@@ -40,13 +40,13 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from gateway_overhead import PREFIX, RUNTIME, runtime_server  # noqa: E402  (sibling scripts)
 from runtime_throughput import (  # noqa: E402
-    drive,
-    print_errors,
     MODEL_NAME,
     Result,
     Server,
     build_model,
     build_request,
+    drive,
+    print_errors,
     thread_env,
 )
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -83,7 +84,7 @@ class RequestTiming:
 
     def gaps(self) -> list[float]:
         times = [t for t, n in self.chunks if n]
-        return [b - a for a, b in zip(times, times[1:])]
+        return [b - a for a, b in itertools.pairwise(times)]
 
 
 @dataclass
@@ -134,7 +135,7 @@ class RuntimeProcess:
              "--model", f"bench={checkpoint}", "--port", str(self.port),
              "--option", f"threads={threads}", "--option", f"max_num_seqs={max_num_seqs}",
              "--option", "max_num_batched_tokens=512", "--option", "max_model_len=2048", *extra],
-            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, cwd=REPO,
+            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, cwd=REPO,  # noqa: SIM115 (the child holds it)
         )
 
     async def wait_ready(self, timeout: float = 120.0) -> None:
@@ -165,8 +166,8 @@ class RuntimeProcess:
 
 
 def stream_request(prompt: str, max_tokens: int):
-    from modelgw.protos import inference_pb2 as pb
     from modelgw.oip.codec import add_input, set_parameter
+    from modelgw.protos import inference_pb2 as pb
 
     request = pb.ModelInferRequest(model_name="bench")
     add_input(request, "text_input", np.array([prompt.encode()], dtype=object), "BYTES")
@@ -198,8 +199,8 @@ async def closed_loop(concurrency: int, requests: int, level_seconds: float, one
 
 async def run_modelgw_level(port: int, concurrency: int, requests: int, max_tokens: int,
                             level_seconds: float, first_index: int = 0) -> tuple[list[RequestTiming], float]:
-    from modelgw.protos import inference_pb2_grpc as pb_grpc
     from modelgw.oip.codec import decode_response_outputs
+    from modelgw.protos import inference_pb2_grpc as pb_grpc
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)

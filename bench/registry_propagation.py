@@ -77,7 +77,7 @@ def main() -> None:
             local.cleanup()
     for name, seconds in figures.items():
         ms = sorted(x * 1000 for x in seconds)
-        p99 = ms[min(len(ms) - 1, int(round(0.99 * len(ms))) - 1)]
+        p99 = ms[min(len(ms) - 1, round(0.99 * len(ms)) - 1)]
         print(
             f"{name:>17}: n={len(ms)}  p50 {statistics.median(ms):6.2f} ms  p99 {p99:6.2f} ms  max {ms[-1]:6.2f} ms"
         )

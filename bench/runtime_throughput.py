@@ -58,9 +58,9 @@ import grpc
 import numpy as np
 
 from modelgw.net import free_port
+from modelgw.oip import codec
 from modelgw.protos import inference_pb2 as pb
 from modelgw.protos import inference_pb2_grpc as pb_grpc
-from modelgw.oip import codec
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent

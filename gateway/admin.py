@@ -1,30 +1,34 @@
 """The registry admin API over REST: /admin/v1/{models,runtimes,endpoints}.
 
 Bodies are the registry messages' JSON mapping (the same JSON as in etcd and in
-`modelgw apply -f`). Optimistic concurrency: send the revision you read as
-`If-Match: "<revision>"` (or `?expected_revision=`); `If-None-Match: *` creates only.
+`modelgw apply -f`): a bare spec, or a document read by registry.files.read_document as the
+CLI reads its files. Optimistic concurrency: the document's `revision`, or the revision you
+read as `If-Match: "<revision>"` (or `?expected_revision=`); `If-None-Match: *` creates only.
+Both a body revision and a header that disagree are a 400.
 A conflict is 409 with the current revision in the body (`current_revision`, a string as
-every int64 of the JSON mapping) and in the ETag header.
+every int64 of the JSON mapping) and in the ETag header. Handlers raise; the gateway's
+error middleware answers with `admin_error_body` (`{"error", "problems", ...}`).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 from google.protobuf import json_format
 
-from modelgw.gateway.errors import http_status
+from modelgw.errors import bounded
+from modelgw.gateway.errors import MAX_HTTP_MESSAGE_BYTES, Failure, set_error_body
+from modelgw.gateway.json_body import read_json
 from modelgw.protos import registry_pb2 as rpb
-from modelgw.registry import codec
-from modelgw.registry.errors import ConflictError, RegistryError, ValidationError
-from modelgw.registry.service import status_code
+from modelgw.registry import files
+from modelgw.registry.errors import ConflictError, ValidationError
 from modelgw.registry.store import RegistryStore
 
 # request -> None, raising GatewayError when the caller may not administer the registry
 AdminAuthorizer = Callable[[web.Request], Awaitable[None]]
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 def _json(message: Any, status: int = 200, revision: int | None = None) -> web.Response:
@@ -33,16 +37,21 @@ def _json(message: Any, status: int = 200, revision: int | None = None) -> web.R
     return web.json_response(body, status=status, headers=headers)
 
 
-def _error(err: RegistryError) -> web.Response:
-    body: dict[str, Any] = {"error": str(err)}
-    headers = None
+def admin_error_body(request: web.Request, failure: Failure) -> web.Response:
+    """The admin surface's error body (the error middleware's ErrorBody): the message,
+    each problem of an invalid record, and a conflict's current revision."""
+    err = failure.error
+    body: dict[str, Any] = {"error": failure.message}
+    headers = dict(failure.headers or {})
     if isinstance(err, ConflictError):
         # a string, like every int64 of the proto3 JSON mapping (e.g. a record's "revision")
         body["current_revision"] = str(err.current_revision)
-        headers = {"ETag": f'"{err.current_revision}"'}
+        headers["ETag"] = f'"{err.current_revision}"'
     if isinstance(err, ValidationError):
-        body["problems"] = err.problems
-    return web.json_response(body, status=http_status(status_code(err)), headers=headers)
+        body["problems"] = [bounded(p, MAX_HTTP_MESSAGE_BYTES) for p in err.problems[:100]]
+    elif failure.status == 400:
+        body["problems"] = [failure.message]
+    return web.json_response(body, status=failure.status, headers=headers or None)
 
 
 def _expected_revision(request: web.Request) -> int | None:
@@ -57,15 +66,11 @@ def _expected_revision(request: web.Request) -> int | None:
         raise ValidationError(f"If-Match / expected_revision must be a revision number, got '{raw[:40]}'") from None
 
 
-async def _body(request: web.Request, cls: type, what: str) -> Any:
-    try:
-        data = json.loads(await request.read())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValidationError(f"{what}: the body is not valid JSON: {err}") from None
-    # accept both a bare spec and a kubectl-style {"kind": ..., "spec": {...}} document
-    if isinstance(data, dict) and "spec" in data and isinstance(data["spec"], dict):
-        data = data["spec"]
-    return codec.from_dict(data, cls, what)
+async def _body(request: web.Request, kind: str) -> files.Document:
+    data = await read_json(request, f"{files.PLURAL[kind]}: the body")  # not JSON, too deep: 400
+    # a bare spec, a document as `modelgw get -o json` writes it, or a record as GET answers
+    # it: read as the CLI reads its files, so a `revision` in it is an expected revision
+    return files.read_document(data, "request body", kind)
 
 
 class AdminApi:
@@ -75,26 +80,28 @@ class AdminApi:
 
     def add_routes(self, app: web.Application, prefix: str = "/admin/v1") -> None:
         r = app.router
-        r.add_get(f"{prefix}/models", self._wrap(self.list_models))
-        r.add_post(f"{prefix}/models", self._wrap(self.apply_model))
-        r.add_get(f"{prefix}/models/{{name}}", self._wrap(self.get_model))
-        r.add_put(f"{prefix}/models/{{name}}", self._wrap(self.apply_model))
-        r.add_delete(f"{prefix}/models/{{name}}", self._wrap(self.delete_model))
-        r.add_get(f"{prefix}/runtimes", self._wrap(self.list_runtimes))
-        r.add_post(f"{prefix}/runtimes", self._wrap(self.apply_runtime))
-        r.add_get(f"{prefix}/runtimes/{{name}}", self._wrap(self.get_runtime))
-        r.add_put(f"{prefix}/runtimes/{{name}}", self._wrap(self.apply_runtime))
-        r.add_delete(f"{prefix}/runtimes/{{name}}", self._wrap(self.delete_runtime))
-        r.add_get(f"{prefix}/endpoints", self._wrap(self.list_endpoints))
+        r.add_get(f"{prefix}/models", self._admin_only(self.list_models))
+        r.add_post(f"{prefix}/models", self._admin_only(self.apply_model))
+        r.add_get(f"{prefix}/models/{{name}}", self._admin_only(self.get_model))
+        r.add_put(f"{prefix}/models/{{name}}", self._admin_only(self.apply_model))
+        r.add_delete(f"{prefix}/models/{{name}}", self._admin_only(self.delete_model))
+        r.add_get(f"{prefix}/runtimes", self._admin_only(self.list_runtimes))
+        r.add_post(f"{prefix}/runtimes", self._admin_only(self.apply_runtime))
+        r.add_get(f"{prefix}/runtimes/{{name}}", self._admin_only(self.get_runtime))
+        r.add_put(f"{prefix}/runtimes/{{name}}", self._admin_only(self.apply_runtime))
+        r.add_delete(f"{prefix}/runtimes/{{name}}", self._admin_only(self.delete_runtime))
+        r.add_get(f"{prefix}/endpoints", self._admin_only(self.list_endpoints))
+        set_error_body(app, prefix, admin_error_body)
 
-    def _wrap(self, handler: Callable[[web.Request], Awaitable[web.Response]]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    def _admin_only(self, handler: Handler) -> Handler:
+        """`handler` behind the admin check (its refusal, like any error, is the middleware's to answer)."""
+        if self.authorize is None:
+            return handler
+        authorize = self.authorize
+
         async def run(request: web.Request) -> web.Response:
-            if self.authorize is not None:
-                await self.authorize(request)
-            try:
-                return await handler(request)
-            except RegistryError as err:
-                return _error(err)
+            await authorize(request)
+            return await handler(request)
 
         return run
 
@@ -107,16 +114,17 @@ class AdminApi:
             elif spec.name != name:
                 raise ValidationError(f"{what}/{name}: name: the body names '{spec.name}' but the URL names '{name}'")
 
-    async def _apply(self, request: web.Request, cls: type, what: str, apply: Callable[..., Awaitable[Any]]) -> web.Response:
+    async def _apply(self, request: web.Request, kind: str, apply: Callable[..., Awaitable[Any]]) -> web.Response:
         """POST or PUT of a model or runtime: 201 when created, 200 otherwise; ETag = revision."""
-        spec = await _body(request, cls, what)
-        self._check_name(request, spec, what)
-        result = await apply(spec, _expected_revision(request))
+        document = await _body(request, kind)
+        self._check_name(request, document.spec, files.PLURAL[kind])
+        expected = document.expected_revision(_expected_revision(request), "If-Match (or If-None-Match, ?expected_revision)")
+        result = await apply(document.spec, expected)
         status = 201 if result.outcome == rpb.CREATED else 200
         return _json(result.record, status, result.record.revision)
 
     async def apply_model(self, request: web.Request) -> web.Response:
-        return await self._apply(request, rpb.ModelSpec, "models", self.store.apply_model)
+        return await self._apply(request, "Model", self.store.apply_model)
 
     async def get_model(self, request: web.Request) -> web.Response:
         record = await self.store.get_model(request.match_info["name"])
@@ -130,7 +138,7 @@ class AdminApi:
         return _json(rpb.DeleteResponse(revision=revision))
 
     async def apply_runtime(self, request: web.Request) -> web.Response:
-        return await self._apply(request, rpb.RuntimeSpec, "runtimes", self.store.apply_runtime)
+        return await self._apply(request, "Runtime", self.store.apply_runtime)
 
     async def get_runtime(self, request: web.Request) -> web.Response:
         record = await self.store.get_runtime(request.match_info["name"])

@@ -19,15 +19,19 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from modelgw.errors import ErrorInterceptor
 from modelgw.gateway import metrics
 from modelgw.gateway.admin import AdminApi
-from modelgw.gateway.auth import AuthConfig, add_registry_service, build_authenticator
+from modelgw.gateway.auth import AuthConfig, admin_guard, build_authenticator
 from modelgw.gateway.grpc_frontend import InferenceFrontend
+from modelgw.gateway.http_server import HttpRunner
 from modelgw.gateway.openai import OpenAIApi
 from modelgw.gateway.proxy import Proxy, ProxyLimits
 from modelgw.gateway.rest_frontend import RestFrontend, make_app
 from modelgw.gateway.routing import RoutingTable
 from modelgw.gateway.upstream import UpstreamPool
+from modelgw.oip.protocol import MAX_MESSAGE_BYTES
+from modelgw.registry import service as registry_service
 from modelgw.registry.keys import DEFAULT_PREFIX, Section
 from modelgw.registry.store import RegistryStore
 from modelgw.registry.view import Change, RegistryView
@@ -42,7 +46,7 @@ class GatewayConfig:
     host: str = "0.0.0.0"
     http_port: int = 8000
     grpc_port: int = 8001
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     drain_seconds: float = 30.0
     limits: ProxyLimits = field(default_factory=ProxyLimits)
     # who may call: trusted token issuers; none is an error unless insecure_no_auth is
@@ -79,25 +83,32 @@ class Gateway:
         ):
             return  # only load figures moved
         snapshot = self.view.snapshot
-        self.table.update(snapshot.models.values(), snapshot.endpoints)
-        self.pool.retain(ep.address for ep in snapshot.endpoints.values())
+        # the deleted records as they last were (routing.py: which replicas stay routed)
+        deleted = {c.name: c.old for c in changes or () if c.section == Section.ENDPOINT and c.new is None}
+        self.table.update(snapshot.models.values(), snapshot.endpoints, deleted)
+        self.pool.retain(replica.address for replica in self.table.replicas.values())  # orphans too
         metrics.ROUTES.set(len(self.table.routes))
         metrics.REPLICAS.set(len(self.table.replicas))
 
     def _grpc_server(self) -> grpc.aio.Server:
         size = self.config.max_message_bytes
         server = grpc.aio.server(
+            # errors -> status codes (outermost, so it answers the admin check's refusals too)
+            interceptors=[ErrorInterceptor(), admin_guard(self.auth)],
             options=[
                 ("grpc.max_send_message_length", size),
                 ("grpc.max_receive_message_length", size),
                 ("grpc.so_reuseport", 0),
                 # room for the largest bearer token accepted plus the usual headers, so that
-                # a big token is judged by the auth config, not cut off by gRPC's 8 KiB default
-                ("grpc.max_metadata_size", self.config.auth.max_token_bytes + 8192),
+                # a big token is judged by the auth config, not cut off by gRPC's 8 KiB default.
+                # The hard limit equals the soft one: between the two gRPC refuses at random
+                # (RESOURCE_EXHAUSTED one try, the auth's UNAUTHENTICATED the next)
+                ("grpc.max_metadata_size", self.config.auth.max_header_bytes),
+                ("grpc.absolute_max_metadata_size", self.config.auth.max_header_bytes),
             ]
         )
         server.add_generic_rpc_handlers((InferenceFrontend(self.proxy, self.is_ready, self.auth.authorize_grpc).generic_handler(),))
-        add_registry_service(server, self.store, self.auth)  # needs the admin scope
+        registry_service.add_to_server(server, self.store)  # behind admin_guard: needs the admin scope
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         return server
 
@@ -119,13 +130,14 @@ class Gateway:
         RestFrontend(self.proxy, self.is_ready, self.auth.authorize_rest).add_routes(app)
         AdminApi(self.store, self.auth.authorize_admin_rest).add_routes(app)
         OpenAIApi(self.proxy, lambda: self.view.runtimes, self.auth.authorize_rest).add_routes(app)  # /v1
-        self._http = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=self.config.drain_seconds
-        )
+        self._http = HttpRunner(
+            app, max_header_bytes=self.config.auth.max_header_bytes,  # the token limit decides, as on gRPC
+            access_log=None, handle_signals=False, shutdown_timeout=self.config.drain_seconds,
+        )  # fmt: skip
         await self._http.setup()
         site = web.TCPSite(self._http, self.config.host, self.config.http_port, reuse_port=False)
         await site.start()
-        self.http_port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked
+        self.http_port = self._http.addresses[0][1]  # the real port when 0 was asked
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "gateway listening: gRPC %s:%d, HTTP %s:%d; registry etcd %s prefix %s",

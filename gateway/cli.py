@@ -8,6 +8,7 @@ import sys
 
 from modelgw.gateway.auth.cli import add_gateway_arguments, gateway_auth_config
 from modelgw.gateway.proxy import ProxyLimits
+from modelgw.oip.protocol import MAX_MESSAGE_BYTES
 from modelgw.registry.keys import DEFAULT_PREFIX
 
 
@@ -23,8 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default %(default)s)")
     p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default %(default)s)")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default %(default)s)")
-    p.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024, help="largest request or response (default 64 MiB)")
-    p.add_argument("--max-in-flight", type=int, default=4096, help="requests in flight across the gateway before 429 / RESOURCE_EXHAUSTED")
+    p.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES,
+                   help=f"largest request or response (default {MAX_MESSAGE_BYTES >> 20} MiB)")
+    p.add_argument("--max-in-flight", type=int, default=4096,
+                   help="requests in flight across the gateway before 429 / RESOURCE_EXHAUSTED")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="on SIGTERM, how long in-flight requests may take to finish")
     add_gateway_arguments(p)
     p.set_defaults(func=run)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -18,14 +17,15 @@ from google.protobuf.message import DecodeError
 
 from modelgw import __version__
 from modelgw.gateway.errors import GatewayError
-from modelgw.gateway.proxy import STICKY_HEADER, Proxy
+from modelgw.gateway.forwarding import grpc_timeout, outbound_metadata
+from modelgw.gateway.proxy import Admission, Proxy
 from modelgw.gateway.wire import WireError, routing_fields, with_version
+from modelgw.oip.protocol import EXTENSIONS, SESSION_HEADER
 from modelgw.protos import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
-EXTENSIONS = ["model_repository(read-only)", "binary_tensor_data", "streaming", "traffic_split"]
 
 # (context, model name) -> the verified subject, raising GatewayError when refused
 Authorizer = Callable[[grpc.aio.ServicerContext, str], "asyncio.Future[str | None] | str | None"]
@@ -92,13 +92,13 @@ class InferenceFrontend:
         if not model:
             raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, "the request names no model (field model_name/name is empty)")
         incoming = context.invocation_metadata() or ()
-        sticky = next((v for k, v in incoming if k == STICKY_HEADER and isinstance(v, str)), None)
+        sticky = next((v for k, v in incoming if k == SESSION_HEADER and isinstance(v, str)), None)
         subject = None
         if self.authorize is not None:
             subject = self.authorize(context, model)
             if asyncio.iscoroutine(subject):
                 subject = await subject
-        metadata, _ = Proxy.outbound_metadata(incoming, subject)
+        metadata, _ = outbound_metadata(incoming, subject)
         return model, version, metadata, sticky
 
     async def _forward(self, method: str, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -109,21 +109,17 @@ class InferenceFrontend:
             model,
             version,
             metadata=metadata,
-            timeout=context.time_remaining(),
+            timeout=grpc_timeout(context),
             sticky_key=sticky,
         )
 
+    # a GatewayError raised here is answered by the server's ErrorInterceptor (modelgw/errors.py)
+
     async def model_infer(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        try:
-            return await self._forward("model_infer", payload, context)
-        except GatewayError as err:
-            await context.abort(err.code, err.message)
+        return await self._forward("model_infer", payload, context)
 
     async def model_metadata(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        try:
-            return await self._forward("model_metadata", payload, context)
-        except GatewayError as err:
-            await context.abort(err.code, err.message)
+        return await self._forward("model_metadata", payload, context)
 
     async def model_ready(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
@@ -133,7 +129,7 @@ class InferenceFrontend:
                 # an unknown model, or one with no ready replica, is "not ready", not an
                 # error: what the runtimes (and Triton) answer, and what clients expect
                 return pb.ModelReadyResponse(ready=False).SerializeToString()
-            await context.abort(err.code, err.message)
+            raise
 
     async def model_stream_infer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -146,8 +142,10 @@ class InferenceFrontend:
         request that fails is answered with an error response on the stream, which stays
         open for the next ones."""
         out: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=256)
-        # (model, requested version) -> (upstream call, version it serves)
-        calls: dict[tuple[str, str], tuple[grpc.aio.StreamStreamCall, str]] = {}
+        # (model, requested version) -> its upstream stream, admitted by the proxy: counted
+        # against the in-flight caps, on its replica's outstanding requests (which the
+        # replica choice reads) and once in the request metrics, until released
+        streams: dict[tuple[str, str], Admission] = {}
         readers: list[asyncio.Task] = []
 
         async def error(message: str, request_id: str = "") -> None:
@@ -156,38 +154,34 @@ class InferenceFrontend:
                 response.infer_response.id = request_id
             await out.put(response.SerializeToString())
 
-        # one upstream stream counts as one request against the model's in-flight limit and
-        # in the request metrics; released when this client stream ends (the finally below,
-        # which runs even for reader tasks cancelled before they started)
-        admitted: list[list] = []  # [model, version, runtime, started, status]
-
-        async def read_upstream(call: grpc.aio.StreamStreamCall, record: list) -> None:
+        async def read_upstream(stream: Admission) -> None:
             try:
-                async for response in call:
+                async for response in stream.call:
                     await out.put(response)
             except grpc.aio.AioRpcError as err:
-                record[4] = err.code().name
+                stream.status = err.code().name
                 if err.code() != grpc.StatusCode.CANCELLED:
                     await error(f"{err.code().name}: {err.details()}")
+            # the replica's stream ended: off its counts now, not when the client's ends
+            # (a reader cancelled with the client's stream leaves that to the handler)
+            stream.release()
 
-        async def upstream_for(model: str, version: str, metadata: list, sticky: str | None) -> tuple:
-            entry = calls.get((model, version))
-            if entry is not None and entry[0].done():
-                del calls[(model, version)]  # that replica's stream ended (e.g. it died)
-                entry = None
-            if entry is None:
-                self.proxy.admit(model)  # RESOURCE_EXHAUSTED at the model's or the gateway's cap
-                record = [model, version, "", time.perf_counter(), "OK"]
-                admitted.append(record)
-                try:
-                    upstream, replica, chosen = self.proxy.open_stream(model, version, metadata=metadata, sticky_key=sticky)
-                except GatewayError as err:
-                    record[4] = err.code.name
-                    raise
-                record[1], record[2] = chosen, replica.runtime
-                entry = calls[(model, version)] = (upstream.model_stream_infer(metadata=metadata), chosen)
-                readers.append(asyncio.create_task(read_upstream(entry[0], record)))
-            return entry
+        def upstream_for(model: str, version: str, metadata: list, sticky: str | None) -> Admission:
+            key = (model, version)
+            stream = streams.get(key)
+            if stream is not None and stream.call.done():
+                del streams[key]  # that replica's stream ended (e.g. it died): a new one
+                stream.release()
+                stream = None
+            if stream is None:
+                # the client's deadline bounds its stream; the model's timeout is per
+                # request, and a stream carries many
+                stream = streams[key] = self.proxy.stream(
+                    model, version, metadata=metadata, sticky_key=sticky, timeout=grpc_timeout(context),
+                    protocol="grpc-stream",
+                )  # fmt: skip
+                readers.append(asyncio.create_task(read_upstream(stream)))
+            return stream
 
         async def read_client() -> None:
             try:
@@ -199,29 +193,32 @@ class InferenceFrontend:
                         continue
                     try:
                         model, version, metadata, sticky = await self._prepare(payload, context)
-                        call, chosen = await upstream_for(model, version, metadata, sticky)
-                        await call.write(payload if version else with_version(payload, chosen))
+                        stream = upstream_for(model, version, metadata, sticky)
+                        await stream.call.write(payload if version else with_version(payload, stream.version))
                     except GatewayError as err:
                         await error(f"{err.code.name}: {err.message}", request_id)
                     except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as err:
                         await error(f"UNAVAILABLE: the runtime's stream ended before this request: {err}", request_id)
-                for call, _ in calls.values():
+                for stream in streams.values():
                     with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-                        await call.done_writing()
+                        await stream.call.done_writing()
                 await asyncio.gather(*readers)
             finally:
                 await out.put(None)
 
         feeder = asyncio.create_task(read_client())
+        ended: BaseException | None = None
         try:
             while (item := await out.get()) is not None:
                 yield item
             await feeder
+        except BaseException as exc:  # the client went away (CancelledError), or the gateway stops
+            ended = exc
+            raise
         finally:
             feeder.cancel()
-            for call, _ in calls.values():
-                call.cancel()
             for task in readers:
                 task.cancel()
-            for model, version, runtime, started, status in admitted:
-                self.proxy.finish(model, (version, runtime, "grpc-stream", status), time.perf_counter() - started)
+            for stream in streams.values():
+                # a stream still running when the client's ended counts with its reason
+                stream.release(None if stream.call.done() else ended)

@@ -19,7 +19,9 @@ LATENCY = Histogram(
 )
 IN_FLIGHT = Gauge("modelgw_in_flight_requests", "Requests being served, by model", ("model",), registry=REGISTRY)
 RETRIES = Counter("modelgw_retries_total", "Requests retried on another replica", ("model",), registry=REGISTRY)
-EJECTIONS = Counter("modelgw_replica_ejections_total", "Replicas taken out of rotation after failures", ("runtime",), registry=REGISTRY)
+EJECTIONS = Counter(
+    "modelgw_replica_ejections_total", "Replicas taken out of rotation after failures", ("runtime",), registry=REGISTRY
+)
 ROUTES = Gauge("modelgw_routes", "Models known to the routing table", registry=REGISTRY)
 REPLICAS = Gauge("modelgw_replicas", "Runtime replicas known to the routing table", registry=REGISTRY)
 

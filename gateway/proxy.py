@@ -1,38 +1,46 @@
-"""The forwarding core shared by the gRPC and REST frontends.
+"""The forwarding core shared by the frontends (gRPC, OIP REST, OpenAI): admission,
+replica choice and forwarding, for unary calls and streams alike.
 
-A request is routed by the routing table (a dict lookup), limited by the in-flight caps,
-sent over a pooled channel as the bytes it is, and retried on another replica when the
-chosen one was unreachable before it answered. Retries draw on a budget so that a sick
-fleet is not hit with a multiple of its load.
+Every request shape goes through one admission path, an `Admission`: admitted against the
+in-flight caps (the gateway's and the model's), a replica picked by the routing table
+(traffic split, then power of two choices on `replica.outstanding`), counted in that
+replica's outstanding requests while it runs, recorded once in the request metrics and
+released however it ends (an answer, an error, a cancel):
+
+    answer = await proxy.unary("model_infer", payload, model, version, metadata=..., protocol="rest")
+
+    with proxy.stream(model, version, metadata=..., timeout=..., protocol="openai") as stream:
+        await stream.call.write(message)        # a ModelStreamInfer call to the replica
+        ...                                     # stream.status = "..." for an outcome that is no exception
+
+A unary request is sent over a pooled channel as the bytes it is, and retried on another
+replica when the chosen one was unreachable before it answered; retries draw on a budget
+so that a sick fleet is not hit with a multiple of its load. A stream is never retried:
+once it has started, replaying it could repeat generated output.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import TracebackType
 
 import grpc
 from google.protobuf.message import DecodeError
+from prometheus_client import Counter, Gauge, Histogram
 
 from modelgw.gateway import metrics
 from modelgw.gateway.errors import GatewayError
+from modelgw.gateway.forwarding import request_timeout
 from modelgw.gateway.routing import ModelRoute, Replica, RoutingTable
-from modelgw.gateway.upstream import Upstream, UpstreamPool
+from modelgw.gateway.upstream import UpstreamPool
 from modelgw.gateway.wire import with_version
 from modelgw.protos import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-# Headers forwarded to runtimes as they came (lower-case gRPC metadata keys).
-PROPAGATED = ("x-request-id", "traceparent", "tracestate")
-# Set by the gateway only; a client's copy is dropped.
-SUBJECT_HEADER = "x-modelgw-subject"
-STICKY_HEADER = "x-modelgw-session"
 
 
 @dataclass
@@ -61,21 +69,17 @@ def malformed_request(method: str, payload: bytes) -> str | None:
     return None
 
 
-# Request ids for requests that come without one: a random per-process prefix and a
-# counter, unique across gateway replicas and ten times cheaper than uuid4 per request.
-_ID_PREFIX = secrets.token_hex(6)
-_ID_COUNTER = itertools.count(1)
-
-
-def new_request_id() -> str:
-    return f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
-
-
-def request_timeout(route: ModelRoute | None, client_timeout: float | None) -> float | None:
-    """The smaller of the client's and the model's timeouts; None when neither is set."""
-    model_timeout = route.spec.limits.timeout_seconds if route else 0.0
-    candidates = [t for t in (client_timeout, model_timeout) if t]
-    return min(candidates) if candidates else None
+def status_of(error: BaseException) -> str:
+    """The `status` label of a request that ended with `error`."""
+    if isinstance(error, GatewayError):
+        return error.code.name
+    if isinstance(error, grpc.aio.AioRpcError):
+        return error.code().name
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit, ConnectionError)):
+        # the client went away (or the gateway stops) mid-request; GeneratorExit: gRPC
+        # closed a streaming handler whose client stopped reading
+        return "CANCELLED"
+    return grpc.StatusCode.UNKNOWN.name
 
 
 class RetryBudget:
@@ -103,6 +107,74 @@ class RetryBudget:
         return False
 
 
+class Admission:
+    """One admitted request, from admission to release: a unary call, or one upstream
+    ModelStreamInfer stream (`call`). A context manager: leaving it releases the request
+    (see release()), whatever ended it.
+
+    `version` is the requested version until a replica is picked, then the one the traffic
+    split chose; `status` is the request's outcome for the metrics, "OK" unless set (a
+    stream's frontend sets it for an error it answers without raising)."""
+
+    __slots__ = ("_call", "_open", "_proxy", "model", "protocol", "replica", "route", "runtime", "started", "status", "version")
+
+    def __init__(self, proxy: Proxy, route: ModelRoute, model: str, version: str, protocol: str) -> None:
+        self._proxy = proxy
+        self.route = route
+        self.model = model
+        self.version = version
+        self.runtime = ""
+        self.protocol = protocol
+        self.status = "OK"
+        self.started = time.perf_counter()
+        self.replica: Replica | None = None
+        self._call: grpc.aio.StreamStreamCall | None = None  # streams only
+        self._open = True
+
+    @property
+    def call(self) -> grpc.aio.StreamStreamCall:
+        """A stream's ModelStreamInfer call to its replica."""
+        if self._call is None:
+            raise RuntimeError(f"no stream was opened for this request to '{self.model}'")
+        return self._call
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release(exc)
+
+    def pick(self, sticky_key: str | None = None, exclude: Replica | None = None) -> Replica:
+        """Choose a replica (traffic split, then power of two choices) and count the
+        request in its outstanding requests, moving the count off a replica tried before.
+        GatewayError NOT_FOUND / UNAVAILABLE when there is none."""
+        self.version, replica = self._proxy.table.pick(self.model, self.version, sticky_key, exclude)
+        if self.replica is not None:
+            self.replica.outstanding -= 1
+        replica.outstanding += 1
+        self.replica = replica
+        self.runtime = replica.runtime
+        return replica
+
+    def release(self, error: BaseException | None = None) -> None:
+        """End the request: cancel its upstream call if it still runs (the runtime then
+        stops working on it), take it off its replica's outstanding requests and the
+        in-flight counts, and record it in the request metrics, with the status of
+        `error` unless one was set. Only the first call does anything."""
+        if not self._open:
+            return
+        self._open = False
+        if error is not None and self.status == "OK":
+            self.status = status_of(error)
+        if self._call is not None:
+            self._call.cancel()  # a no-op once the call is done
+        if self.replica is not None:
+            self.replica.outstanding -= 1
+        self._proxy._release(self, time.perf_counter() - self.started)
+
+
 class Proxy:
     def __init__(self, table: RoutingTable, pool: UpstreamPool, limits: ProxyLimits | None = None) -> None:
         self.table = table
@@ -113,18 +185,22 @@ class Proxy:
         self.in_flight_by_model: dict[str, int] = {}
         # prometheus children by label values: labels() takes a lock and builds a key on
         # every call (about 10 us per request for our four series); these are dict hits
-        self._in_flight_gauges: dict[str, object] = {}
-        self._request_series: dict[tuple[str, ...], tuple[object, object]] = {}
+        self._in_flight_gauges: dict[str, Gauge] = {}
+        self._request_series: dict[tuple[str, ...], tuple[Counter, Histogram]] = {}
 
     # -- admission -----------------------------------------------------------------------
 
-    def _admit(self, model: str, cap: int) -> None:
+    def _admit(self, model: str, version: str, protocol: str) -> Admission:
+        """Admit a request to `model` against the in-flight caps (GatewayError NOT_FOUND,
+        RESOURCE_EXHAUSTED); a refused request is not counted."""
+        route = self.table.route(model)
         if self.in_flight >= self.limits.max_in_flight:
             raise GatewayError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the gateway is at its limit of {self.limits.max_in_flight} requests in flight; retry later",
             )
         current = self.in_flight_by_model.get(model, 0)
+        cap = route.spec.limits.max_in_flight
         if cap and current >= cap:
             raise GatewayError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -136,38 +212,20 @@ class Proxy:
         if gauge is None:
             gauge = self._in_flight_gauges[model] = metrics.IN_FLIGHT.labels(model)
         gauge.inc()
+        return Admission(self, route, model, version, protocol)
 
-    def _release(self, model: str) -> None:
+    def _release(self, admission: Admission, seconds: float) -> None:
+        """Admission.release's part here: the in-flight counts and the request metrics."""
+        model = admission.model
         self.in_flight -= 1
         self.in_flight_by_model[model] -= 1
         self._in_flight_gauges[model].dec()
-
-    def _record(self, labels: tuple[str, ...], seconds: float) -> None:
-        """Count a finished request in modelgw_requests_total and its latency histogram."""
+        labels = (model, admission.version, admission.runtime, admission.protocol, admission.status)
         series = self._request_series.get(labels)
         if series is None:
             series = self._request_series[labels] = (metrics.REQUESTS.labels(*labels), metrics.LATENCY.labels(*labels))
         series[0].inc()
         series[1].observe(seconds)
-
-    @staticmethod
-    def outbound_metadata(
-        incoming: Sequence[tuple[str, str | bytes]] | None, subject: str | None
-    ) -> tuple[list[tuple[str, str]], str]:
-        """Metadata for the runtime: propagated trace headers, a request id, the subject."""
-        out: list[tuple[str, str]] = []
-        request_id = ""
-        for key, value in incoming or ():
-            if key in PROPAGATED and isinstance(value, str):
-                out.append((key, value))
-                if key == "x-request-id":
-                    request_id = value
-        if not request_id:
-            request_id = new_request_id()
-            out.append(("x-request-id", request_id))
-        if subject:
-            out.append((SUBJECT_HEADER, subject))
-        return out, request_id
 
     # -- unary ---------------------------------------------------------------------------
 
@@ -178,37 +236,29 @@ class Proxy:
         model: str,
         version: str,
         *,
-        metadata: list[tuple[str, str]],
+        metadata: Sequence[tuple[str, str]],
         timeout: float | None = None,
         sticky_key: str | None = None,
         protocol: str = "grpc",
     ) -> bytes:
         """Forward one serialized request (`method`: model_infer, model_metadata or
         model_ready) to a replica of the model and return the serialized response."""
-        route = self.table.route(model)
-        self._admit(model, route.spec.limits.max_in_flight)
-        started = time.perf_counter()
-        chosen_version, runtime, status = version, "", "OK"
-        self.budget.deposit()
-        try:
-            deadline = time.monotonic() + (request_timeout(route, timeout) or self.limits.default_timeout)
+        with self._admit(model, version, protocol) as admission:
+            self.budget.deposit()
+            deadline = time.monotonic() + (request_timeout(admission.route, timeout) or self.limits.default_timeout)
             tried: Replica | None = None
             attempt = 0
             while True:
                 attempt += 1
-                chosen_version, replica = self.table.pick(model, version, sticky_key, exclude=tried)
-                runtime = replica.runtime
+                replica = admission.pick(sticky_key, tried)
                 if not version:
                     # the runtime must serve the version the traffic split chose, on
                     # retries too
-                    payload = with_version(payload, chosen_version)
-                    version = chosen_version
+                    version = admission.version
+                    payload = with_version(payload, version)
                 call = getattr(self.pool.get(replica.address), method)
-                replica.outstanding += 1
                 try:
                     response = await call(payload, timeout=max(0.001, deadline - time.monotonic()), metadata=metadata)
-                    replica.succeeded()
-                    return response
                 except grpc.aio.AioRpcError as err:
                     code = err.code()
                     if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
@@ -226,36 +276,31 @@ class Proxy:
                             tried = replica
                             continue
                     raise GatewayError(code, err.details() or code.name) from None
-                finally:
-                    replica.outstanding -= 1
-        except GatewayError as err:
-            status = err.code.name
+                replica.succeeded()
+                return response
+
+    # -- streams -------------------------------------------------------------------------
+
+    def stream(
+        self,
+        model: str,
+        version: str,
+        *,
+        metadata: Sequence[tuple[str, str]],
+        sticky_key: str | None = None,
+        timeout: float | None = None,
+        protocol: str,
+    ) -> Admission:
+        """Admit a stream to `model` and open it (ModelStreamInfer, `.call`) on a replica
+        picked like a unary call's, counted there until it is released; use it as a
+        context manager. GatewayError NOT_FOUND / RESOURCE_EXHAUSTED / UNAVAILABLE when
+        it cannot be opened (counted in the metrics unless refused at admission).
+        `timeout` bounds the whole stream (None: until it ends or is cancelled)."""
+        admission = self._admit(model, version, protocol)
+        try:
+            replica = admission.pick(sticky_key)
+            admission._call = self.pool.get(replica.address).model_stream_infer(metadata=metadata, timeout=timeout)
+        except BaseException as err:
+            admission.release(err)
             raise
-        except asyncio.CancelledError:
-            status = "CANCELLED"  # the client went away (or the gateway stops) mid-request
-            raise
-        finally:
-            self._release(model)
-            self._record((model, chosen_version, runtime, protocol, status), time.perf_counter() - started)
-
-    # -- streaming -----------------------------------------------------------------------
-
-    def open_stream(
-        self, model: str, version: str, *, metadata: list[tuple[str, str]], sticky_key: str | None = None
-    ) -> tuple[Upstream, Replica, str]:
-        """Pick a replica for a stream of requests to `model` (no retries: once a stream
-        has started, replaying it could repeat generated output)."""
-        chosen_version, replica = self.table.pick(model, version, sticky_key)
-        return self.pool.get(replica.address), replica, chosen_version
-
-    def admit(self, model: str) -> None:
-        """Count a request that unary() does not forward (the OpenAI API's streams) against
-        the in-flight limits (GatewayError NOT_FOUND / RESOURCE_EXHAUSTED); pair with finish()."""
-        self._admit(model, self.table.route(model).spec.limits.max_in_flight)
-
-    def finish(self, model: str, labels: tuple[str, str, str, str], seconds: float) -> None:
-        """Release an admit()ted request and count it as unary() counts its own; `labels`
-        are (version, runtime, protocol, status)."""
-        self._release(model)
-        self._record((model, *labels), seconds)
-
+        return admission

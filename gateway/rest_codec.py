@@ -16,8 +16,9 @@ import grpc
 import numpy as np
 
 from modelgw.gateway.errors import GatewayError
-from modelgw.protos import inference_pb2 as pb
+from modelgw.gateway.json_body import parse_json
 from modelgw.oip import codec
+from modelgw.protos import inference_pb2 as pb
 
 # Parameters of the binary extension: consumed here, never forwarded.
 _BINARY_PARAMS = ("binary_data_size", "binary_data", "binary_data_output")
@@ -47,12 +48,9 @@ def split_body(body: bytes, header_length: str | None) -> tuple[Any, memoryview]
                 f"Inference-Header-Content-Length is {size} but the body has {len(body)} bytes"
             )
         json_part, binary = body[:size], memoryview(body)[size:]
-    try:
-        document = json.loads(json_part)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise _bad(f"the request body is not valid JSON: {err}") from None
-    except RecursionError:
-        raise _bad("the request body's JSON is nested too deeply for a tensor request") from None
+    # no depth scan on this hot path: tensors nest as deep as their shape, and Python's
+    # recursion bound (a 400 too) is far past any tensor's
+    document = parse_json(json_part, "the request body", max_depth=None, allow_constants=True)
     if not isinstance(document, dict):
         raise _bad("the request body must be a JSON object with an 'inputs' list")
     return document, binary
@@ -113,7 +111,8 @@ def _json_array(name: str, datatype: str, data: Any, count: int) -> np.ndarray:
         array = array.reshape(-1)
         kinds = _JSON_KINDS.get(datatype, "iu")
         if array.size and array.dtype.kind not in kinds:
-            raise codec.TensorError(name, f"{datatype} data must be {_describe(kinds)}, got {_KIND_NAMES.get(array.dtype.kind, array.dtype.kind)}")
+            got = _KIND_NAMES.get(array.dtype.kind, array.dtype.kind)
+            raise codec.TensorError(name, f"{datatype} data must be {_describe(kinds)}, got {got}")
         if target.kind in "iu" and array.size:
             info = np.iinfo(target)
             if array.min() < info.min or array.max() > info.max:
@@ -185,16 +184,19 @@ def infer_request_from_json(
             datatype = spec.get("datatype")
             shape = spec.get("shape")
             if datatype not in codec.DATATYPES:
-                raise codec.TensorError(name, f"unknown datatype {datatype!r}; expected one of {', '.join(sorted(codec.DATATYPES))}")
+                expected = ", ".join(sorted(codec.DATATYPES))
+                raise codec.TensorError(name, f"unknown datatype {datatype!r}; expected one of {expected}")
             if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
                 raise codec.TensorError(name, "'shape' must be a list of integers")
+            count = codec.element_count(name, shape)  # first: it bounds the dims before any message quotes them
             if any(d > _INT64_MAX for d in shape):
                 raise codec.TensorError(name, f"shape {shape} has a dimension beyond the 64-bit range")
-            count = codec.element_count(name, shape)
             tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
             _set_parameters(tensor.parameters, spec.get("parameters"), f"input '{name}'")
             size = (spec.get("parameters") or {}).get("binary_data_size") if isinstance(spec.get("parameters"), dict) else None
             if size is not None:
+                if "data" in spec:  # Triton refuses it too: which of the two would be meant?
+                    raise codec.TensorError(name, "has both binary data (a binary_data_size parameter) and JSON 'data'; send one")
                 if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                     raise codec.TensorError(name, "binary_data_size must be a non-negative integer")
                 if offset + size > len(binary):
@@ -276,13 +278,12 @@ def _json_data(name: str, datatype: str, array: np.ndarray) -> list:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"output '{name}' holds bytes that are not UTF-8; ask for it with parameters.binary_data=true",
             ) from None
-    if datatype in ("FP16", "FP32", "FP64", "BF16"):
-        if not np.isfinite(flat).all():
-            # JSON has no NaN or Infinity; binary data carries them exactly
-            raise GatewayError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"output '{name}' holds NaN or Infinity, which JSON cannot carry; ask for it with parameters.binary_data=true",
-            )
+    if datatype in ("FP16", "FP32", "FP64", "BF16") and not np.isfinite(flat).all():
+        # JSON has no NaN or Infinity; binary data carries them exactly
+        raise GatewayError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"output '{name}' holds NaN or Infinity, which JSON cannot carry; ask for it with parameters.binary_data=true",
+        )
     return flat.tolist()
 
 

@@ -4,21 +4,41 @@ Rebuilt from registry snapshots (models and endpoints) whenever the watch cache 
 something changed; requests only read it. Picking a replica is a dict lookup, a weighted
 version choice and a power-of-two-choices draw on outstanding requests, all without
 awaiting anything.
+
+A replica whose endpoint key disappears is not always gone. When etcd was unreachable
+for longer than the endpoint lease TTL, it deletes the records of every replica on its
+return, and the replicas write them again within about a second under new leases. So:
+
+- a replica whose record vanished while it was ready, and which answered a request
+  successfully within the last `orphan_grace` seconds and has not failed since, keeps
+  being routed to ("orphaned") for up to `orphan_grace` seconds, until its record is
+  back (same key: it is a routed replica again, as if nothing happened);
+- an orphan that fails a request (any failure that ejects it), or whose grace ends, is
+  dropped at once;
+- a replica that leaves cleanly is dropped at once: it writes its record not ready
+  before it revokes its lease (runtimes.registration), so its last record says not ready;
+- a replica that was not answering (none sent it a request lately, or it failed) is
+  dropped at once: a crashed replica's record goes when its lease runs out, and no
+  request should find it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import hashlib
+import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
 
 from modelgw.gateway.errors import GatewayError
 from modelgw.protos import registry_pb2 as rpb
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -31,15 +51,26 @@ class Replica:
     outstanding: int = 0
     ejected_until: float = 0.0
     failures: int = 0
+    last_success: float = float("-inf")  # time.monotonic() of the last answered request
+    # set while the replica's record is gone but it is still routed to (see the module
+    # docstring): called on its first failure, to drop it
+    on_orphan_failure: Callable[[Replica], None] | None = None
 
     def available(self, now: float) -> bool:
         return self.ejected_until <= now
+
+    def answering(self, now: float, within: float) -> bool:
+        """Whether it answered a request within `within` seconds and has not failed since."""
+        return self.failures == 0 and self.ejected_until <= now and now - self.last_success <= within
 
     def eject(self, base_seconds: float = 2.0, max_seconds: float = 30.0) -> bool:
         """Take the replica out of rotation, for longer after each consecutive failure.
         Failures of requests that were in flight together count once: False when the
         replica is already ejected."""
         now = time.monotonic()
+        if self.on_orphan_failure is not None:
+            drop, self.on_orphan_failure = self.on_orphan_failure, None
+            drop(self)
         if self.ejected_until > now:
             return False
         self.failures += 1
@@ -47,6 +78,7 @@ class Replica:
         return True
 
     def succeeded(self) -> None:
+        self.last_success = time.monotonic()
         if self.failures:
             self.failures = 0
             self.ejected_until = 0.0
@@ -108,11 +140,18 @@ def build_route(spec: rpb.ModelSpec) -> ModelRoute | None:
 class RoutingTable:
     """Models and replicas, rebuilt on registry changes, read by every request."""
 
-    def __init__(self) -> None:
+    def __init__(self, orphan_grace: float = 10.0) -> None:
         self.routes: dict[str, ModelRoute] = {}
-        self.replicas: dict[str, Replica] = {}  # endpoint key -> replica (kept across rebuilds)
+        # endpoint key -> replica (kept across rebuilds), orphans included
+        self.replicas: dict[str, Replica] = {}
+        # how long a replica that answers is still routed to after its record vanished:
+        # well over the ~1 s its re-registration takes after an etcd outage
+        self.orphan_grace = orphan_grace
         self._models: dict[str, rpb.ModelSpec] = {}
         self._endpoints: dict[str, rpb.Endpoint] = {}
+        # endpoint key -> (its last record, time.monotonic() its grace ends)
+        self._orphans: dict[str, tuple[rpb.Endpoint, float]] = {}
+        self._expiry: asyncio.TimerHandle | None = None
 
     # -- updates (from the registry watch cache) ---------------------------------------
 
@@ -133,25 +172,61 @@ class RoutingTable:
     def update(
         self,
         models: Iterable[rpb.ModelSpec] | None = None,
-        endpoints: dict[str, rpb.Endpoint] | None = None,
+        endpoints: Mapping[str, rpb.Endpoint] | None = None,
+        deleted: Mapping[str, rpb.Endpoint] | None = None,
     ) -> None:
-        """Replace the known models and/or endpoints and rebuild the routes."""
+        """Replace the known models and/or endpoints and rebuild the routes. `deleted`:
+        the last records of endpoints deleted since the previous update, when the caller
+        knows them (one watch batch can carry a replica's last write, not ready, and its
+        deletion); else the last record this table saw is taken."""
         if models is not None:
             self._models = {m.name: m for m in models}
         if endpoints is not None:
+            now = time.monotonic()
+            for key, last in self._endpoints.items():
+                if key in endpoints:
+                    continue
+                last = (deleted or {}).get(key, last)
+                replica = self.replicas.get(key)
+                if last.ready and replica is not None and replica.answering(now, self.orphan_grace):
+                    log.info(
+                        "replica %s (%s): its record is gone but it answers; still routed to for up to %.0fs",
+                        key, replica.address, self.orphan_grace,
+                    )  # fmt: skip
+                    self._orphans[key] = (last, now + self.orphan_grace)
+            for key in [k for k in self._orphans if k in endpoints]:
+                del self._orphans[key]
+                log.info("replica %s: registered again", key)
             self._endpoints = dict(endpoints)
         self._rebuild()
 
+    def _drop_orphan(self, replica: Replica) -> None:
+        if self._orphans.pop(replica.key, None) is not None:
+            log.info("replica %s (%s): failed while its record is gone; dropped", replica.key, replica.address)
+            self._rebuild()
+
+    def _expire_orphans(self) -> None:
+        self._expiry = None
+        self._rebuild()
+
     def _rebuild(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, (_, until) in self._orphans.items() if until <= now]:
+            log.info("replica %s: its record did not come back within %.0fs; dropped", key, self.orphan_grace)
+            del self._orphans[key]
+        endpoints = {key: ep for key, (ep, _) in self._orphans.items()}
+        endpoints.update(self._endpoints)
         replicas: dict[str, Replica] = {}
-        for key, ep in self._endpoints.items():
+        for key, ep in endpoints.items():
             replica = self.replicas.get(key)
             if replica is None or replica.address != ep.address:
                 replica = Replica(key=key, runtime=ep.runtime, address=ep.address)
+            replica.on_orphan_failure = self._drop_orphan if key in self._orphans else None
             replicas[key] = replica
+        self._schedule_expiry(now)
         # one pass over the endpoints: (runtime, model, version) -> replicas serving it ready
         serving: dict[tuple[str, str, str], list[Replica]] = {}
-        for key, ep in self._endpoints.items():
+        for key, ep in endpoints.items():
             if not ep.ready:
                 continue
             for m in ep.models:
@@ -167,6 +242,20 @@ class RoutingTable:
             routes[name] = route
         self.replicas = replicas
         self.routes = routes
+
+    def _schedule_expiry(self, now: float) -> None:
+        """A rebuild when the first orphan's grace ends (none needed without orphans)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if not self._orphans:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a synchronous caller): the next update drops expired orphans
+        first = min(until for _, until in self._orphans.values())
+        self._expiry = loop.call_later(max(0.0, first - now) + 0.01, self._expire_orphans)
 
     def _why_unavailable(self, model: str, version: str, runtime: str) -> str:
         """What the registry says about a version with no ready replica (error path only)."""

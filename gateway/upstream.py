@@ -2,7 +2,9 @@
 
 One channel per replica address, created on first use and kept for as long as the
 replica is in the registry. The stubs move serialized protobuf bytes: the gateway
-forwards a request as it arrived and a response as the runtime sent it.
+forwards a request as it arrived and a response as the runtime sent it. Idle channels
+ping their replica as the shared keepalive policy says (modelgw/keepalive.py), which the
+runtimes' servers are set to accept.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import logging
 from collections.abc import Iterable
 
 import grpc
+
+from modelgw.keepalive import KEEPALIVE, Keepalive
+from modelgw.oip.protocol import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -26,24 +31,22 @@ class Upstream:
     def __init__(self, address: str, options: list[tuple[str, int]]) -> None:
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=options)
-        self.model_infer = self.channel.unary_unary(SERVICE + "ModelInfer")
-        self.model_metadata = self.channel.unary_unary(SERVICE + "ModelMetadata")
-        self.model_ready = self.channel.unary_unary(SERVICE + "ModelReady")
-        self.model_stream_infer = self.channel.stream_stream(SERVICE + "ModelStreamInfer")
+        raw = dict(request_serializer=None, response_deserializer=None)
+        self.model_infer = self.channel.unary_unary(SERVICE + "ModelInfer", **raw)
+        self.model_metadata = self.channel.unary_unary(SERVICE + "ModelMetadata", **raw)
+        self.model_ready = self.channel.unary_unary(SERVICE + "ModelReady", **raw)
+        self.model_stream_infer = self.channel.stream_stream(SERVICE + "ModelStreamInfer", **raw)
 
 
 class UpstreamPool:
     """address -> Upstream, created lazily; `retain` closes those no longer needed."""
 
-    def __init__(self, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, max_message_bytes: int = MAX_MESSAGE_BYTES, keepalive: Keepalive = KEEPALIVE) -> None:
         self._options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             # keep idle connections to replicas warm, detect dead peers quickly
-            ("grpc.keepalive_time_ms", 10_000),
-            ("grpc.keepalive_timeout_ms", 5_000),
-            ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.keepalive_permit_without_calls", 1),
+            *keepalive.channel_options(),
             # a replica that died comes back under a new address; don't wait long for the old
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2_000),
@@ -70,4 +73,4 @@ class UpstreamPool:
 
     async def close(self) -> None:
         upstreams, self._upstreams = list(self._upstreams.values()), {}
-        await asyncio.gather(*(u.channel.close() for u in upstreams), *self._closing, return_exceptions=True)
+        await asyncio.gather(*(u.channel.close(None) for u in upstreams), *self._closing, return_exceptions=True)

@@ -3,7 +3,12 @@
 A supervisor that forks replicas wants them gone when it dies, or a standby taking over
 would find orphans. PR_SET_PDEATHSIG does that, but setting it between fork and exec
 (preexec_fn) is unsafe in a multi-threaded parent. So the parent passes its pid in
-MODELGW_PARENT_PID and the child calls `exit_with_parent()` first thing.
+MODELGW_PARENT_PID and the child calls `exit_with_parent()` first thing. A program that
+cannot make that call (etcd) runs behind a small shim that does and then execs it (the
+death signal survives exec): see tied_to_this_process.
+
+The death signal comes when the *thread* that started the child ends, not the process:
+start such children from the main thread (or one that lives as long as the process).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
+from collections.abc import Mapping
 
 PARENT_PID_ENV = "MODELGW_PARENT_PID"
 _PR_SET_PDEATHSIG = 1
@@ -40,3 +47,15 @@ def _exists(pid: int) -> bool:
     except (PermissionError, ValueError):
         return True
     return True
+
+
+def tied_to_this_process(argv: list[str], env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) that run the program `argv` so that it gets SIGTERM when this process
+    dies, for a program that cannot call exit_with_parent() itself: `python -m
+    modelgw.process PROGRAM ARGS...` arms the death signal, then execs the program."""
+    return [sys.executable, "-m", "modelgw.process", *argv], {**env, PARENT_PID_ENV: str(os.getpid())}
+
+
+if __name__ == "__main__":
+    exit_with_parent()
+    os.execvp(sys.argv[1], sys.argv[1:])

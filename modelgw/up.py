@@ -4,8 +4,13 @@ Starts (or reuses, with --etcd) a local etcd whose data lives in the data dir, a
 development token issuer on loopback (`modelgw token` mints its tokens), the local
 reconciler and the gateway in this process, registers a `pytorch` runtime and a `demo`
 model (a small TorchScript MLP made on first start), waits until the demo answers and
-prints how to call it. Ctrl-C stops everything it started. Run it again with the same
-data dir and it finds its registry (and whatever you applied since) again.
+prints how to call it. Ctrl-C stops everything it started; etcd and the replicas also
+die with it when it is killed (PR_SET_PDEATHSIG, modelgw.process). Run it again with the
+same data dir and it finds its registry (and whatever you applied since) again.
+
+One `up` per data dir: a second one says which process runs there (pid and ports) and
+exits 1. Every port is checked before anything starts; expected failures (a port in use,
+etcd missing or failing to start) are one line on stderr and exit 1.
 """
 
 from __future__ import annotations
@@ -13,13 +18,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import signal
+import sys
+import time
 from pathlib import Path
+from typing import IO
 
-from modelgw.net import free_port
+from modelgw.net import free_port, port_free
+from modelgw.paths import default_data_dir, remember_data_dir
+from modelgw.registry.keys import DEFAULT_PREFIX
+from modelgw.tasks import stop_tasks
 
 log = logging.getLogger("modelgw.up")
 
@@ -27,10 +39,6 @@ DEMO_MODEL = "demo"
 DEMO_RUNTIME = "pytorch"
 DEMO_LLM = "tiny-llm"
 DEMO_LLM_RUNTIME = "llm"
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("MODELGW_HOME", Path.home() / ".modelgw"))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,8 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def make_demo_model(directory: Path) -> Path:
-    """A TorchScript MLP (4 -> 16 -> 3, softmax) with its signature sidecar; made once."""
-    path = directory / "model.pt"
+    """An MLP (4 -> 16 -> 3, softmax) as a torch.export program (.pt2, batch 1..64) with a
+    sidecar naming its tensors (a program's outputs are otherwise output_0...); made once."""
+    path = directory / "model.pt2"
     if path.exists():
         return path
     import torch
@@ -61,7 +70,10 @@ def make_demo_model(directory: Path) -> Path:
     model = torch.nn.Sequential(
         torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3), torch.nn.Softmax(dim=-1)
     ).eval()
-    torch.jit.script(model).save(str(path))
+    batch = torch.export.Dim("batch", min=1, max=64)
+    # an example batch of 2: torch.export specializes dims that are 0 or 1 in the example
+    program = torch.export.export(model, (torch.zeros(2, 4),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
     (directory / "model.json").write_text(
         json.dumps(
             {
@@ -91,12 +103,12 @@ async def _register_demo(store, data_dir: Path) -> None:
     from modelgw.registry.errors import ConflictError
 
     model_path = await asyncio.to_thread(make_demo_model, data_dir / "models" / DEMO_MODEL / "1")
-    runtime = rpb.RuntimeSpec(name=DEMO_RUNTIME, kind="pytorch", model_formats=["torchscript"], replicas=1)
+    runtime = rpb.RuntimeSpec(name=DEMO_RUNTIME, kind="pytorch", model_formats=["pt2", "torchscript"], replicas=1)
     runtime.options["threads"] = "1"
     model = rpb.ModelSpec(
         name=DEMO_MODEL,
         description="demo: a 4-feature MLP returning 3 class probabilities",
-        versions=[rpb.ModelVersion(version="1", uri=f"file://{model_path}", format="torchscript", runtime=DEMO_RUNTIME)],
+        versions=[rpb.ModelVersion(version="1", uri=f"file://{model_path}", format="pt2", runtime=DEMO_RUNTIME)],
     )
     llm_path = await asyncio.to_thread(make_demo_llm, data_dir / "models" / DEMO_LLM / "1")
     llm_runtime = rpb.RuntimeSpec(name=DEMO_LLM_RUNTIME, kind="llm", model_formats=["hf-llama"], replicas=1)
@@ -125,13 +137,14 @@ def make_demo_llm(directory: Path) -> Path:
     return make_checkpoint(directory, layers=2, hidden=64, heads=4, kv_heads=2, vocab=512)
 
 
-def _instructions(host: str, http_port: int, grpc_port: int, issuer: str, data_dir: Path | None) -> str:
+def _instructions(host: str, http_port: int, grpc_port: int, issuer: str, etcd: str, data_dir: Path | None) -> str:
     http = f"http://{host}:{http_port}"
     where = f" --data-dir {data_dir}" if data_dir is not None else ""
     return f"""
 modelgw is up.
   gateway   gRPC {host}:{grpc_port}   HTTP {http}   metrics {http}/metrics
   issuer    {issuer}   (development only: `modelgw token` mints its tokens)
+  etcd      {etcd}   (the registry: etcdctl --endpoints {etcd} get --prefix {DEFAULT_PREFIX} --keys-only)
 
 Every call needs a token; this one may also change the registry (modelgw:admin):
   export TOKEN=$(modelgw token --sub you --scope modelgw:admin{where})
@@ -174,32 +187,83 @@ async def _wait_demo_ready(gateway, timeout: float) -> bool:
     return False
 
 
-async def _up(args: argparse.Namespace) -> int:
+class UpError(Exception):
+    """An expected failure: printed as one line, exit code 1."""
+
+
+# the state of a running `up` in its data dir: UP_LOCK is held (flock) while it runs, so
+# a second `up` knows at once, whatever happened to the first (even SIGKILL frees it);
+# UP_STATE says which process and ports, for the second one's message
+UP_LOCK = "up.lock"
+UP_STATE = "up.json"
+
+
+def _claim(data_dir: Path) -> IO[str]:
+    """Hold the data dir's lock for this process's life; UpError if another `up` has it."""
+    lock = open(data_dir / UP_LOCK, "a+")  # noqa: SIM115 (held until the process ends)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UpError(f"already running on {data_dir} ({_describe(_read_state(data_dir))})") from None
+    return lock
+
+
+def _read_state(data_dir: Path) -> dict:
+    try:
+        state = json.loads((data_dir / UP_STATE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _describe(state: dict) -> str:
+    if not state:
+        return "its pid and ports are not recorded yet: it is starting"
+    parts = [f"pid {state.get('pid')}", f"gateway gRPC {state.get('grpc')} HTTP {state.get('http')}"]
+    if state.get("etcd"):
+        parts.append(f"etcd {state['etcd']}")
+    return ", ".join(parts)
+
+
+def _stop_leftover_etcd(data_dir: Path, state: dict) -> None:
+    """An etcd that an `up` of this data dir started and that outlived it (an `up` from
+    before etcd died with it): stop it, so that ours can start on the same ports."""
+    pid = state.get("etcd_pid")
+    if not isinstance(pid, int):
+        return
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    if not argv or not argv[0].endswith(b"etcd") or str(data_dir / "etcd").encode() not in argv:
+        return  # the pid is someone else's now
+    log.warning("stopping the etcd (pid %d) a previous modelgw up of %s left running", pid, data_dir)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    for _ in range(100):
+        if not Path(f"/proc/{pid}").exists():
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _check_ports(ports: list[tuple[str, int, str]]) -> None:
+    """UpError naming the first (host, port, what) that a server could not listen on."""
+    for host, port, what in ports:
+        if port and not port_free(host, port):
+            raise UpError(f"{what} port {host}:{port} is already in use")
+
+
+async def _serve(args: argparse.Namespace, data_dir: Path, endpoint: str) -> int:
+    """The issuer, the demo registration, the reconciler and the gateway, until a signal."""
     from modelgw.gateway.app import Gateway, GatewayConfig
     from modelgw.gateway.auth.config import AuthConfig, IssuerConfig
     from modelgw.gateway.auth.devissuer import DevIssuer
     from modelgw.reconciler.core import Reconciler
     from modelgw.reconciler.local import LocalBackend
-    from modelgw.registry.etcd_server import LocalEtcd
-    from modelgw.registry.keys import DEFAULT_PREFIX
     from modelgw.registry.store import RegistryStore
-
-    data_dir: Path = (args.data_dir or default_data_dir()).expanduser().resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    etcd_server = None
-    endpoint = args.etcd
-    if endpoint is None:
-        client, peer = _etcd_ports(data_dir)
-        etcd_server = LocalEtcd(data_dir=data_dir / "etcd", client_port=client, peer_port=peer)
-        if etcd_server.healthy():
-            # an etcd of this data dir outlived an `up` that was killed: keep using it
-            log.info("reusing the etcd already running on %s", etcd_server.endpoint)
-            etcd_server = None
-            endpoint = f"127.0.0.1:{client}"
-        else:
-            await asyncio.to_thread(etcd_server.start)
-            endpoint = etcd_server.endpoint
-            log.info("etcd running on %s (data in %s)", endpoint, data_dir / "etcd")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -217,12 +281,18 @@ async def _up(args: argparse.Namespace) -> int:
     )
     reconciling = None
     try:
-        await issuer.start()
+        try:
+            await issuer.start()
+        except OSError as exc:
+            raise UpError(f"the development issuer did not start: {exc}") from None
         log.info("development token issuer on %s (key in %s)", issuer.url, data_dir / "issuer")
         if not args.no_demo:
             await _register_demo(store, data_dir)
         reconciling = asyncio.ensure_future(reconciler.run())
-        await gateway.start()
+        try:
+            await gateway.start()
+        except OSError as exc:
+            raise UpError(f"the gateway did not start: {exc}") from None
         if not args.no_demo:
             log.info("waiting for the demo model to load (runtime logs in %s)", data_dir / "logs")
             waiting = asyncio.ensure_future(_wait_demo_ready(gateway, 120))
@@ -231,22 +301,73 @@ async def _up(args: argparse.Namespace) -> int:
                 log.error("the demo models did not become ready within 120 s; see %s", data_dir / "logs")
         if not stop.is_set():
             host = args.host if args.host != "0.0.0.0" else "127.0.0.1"
-            print(_instructions(host, gateway.http_port, gateway.grpc_port, issuer.url, args.data_dir), flush=True)
+            print(_instructions(host, gateway.http_port, gateway.grpc_port, issuer.url, endpoint, args.data_dir), flush=True)
             await stop.wait()
         log.info("stopping")
     finally:
         await gateway.stop(grace=5)
         await issuer.stop()
-        if reconciling is not None:
-            reconciling.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reconciling
+        await stop_tasks(reconciling)
         await backend.close()
         await store.close()
-        if etcd_server is not None:
-            await asyncio.to_thread(etcd_server.stop)
     return 0
 
 
+def _up(args: argparse.Namespace) -> int:
+    """Claim the data dir, check every port, start etcd (from the main thread: its death
+    signal follows the thread that starts it), then serve."""
+    from modelgw.gateway.auth.devissuer import ensure_state
+    from modelgw.registry.etcd_server import LocalEtcd
+
+    data_dir: Path = (args.data_dir or default_data_dir()).expanduser().resolve()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UpError(f"cannot use {data_dir} as the data dir: {exc}") from None
+    lock = _claim(data_dir)
+    state_path = data_dir / UP_STATE
+    etcd_server = None
+    try:
+        try:  # its port is kept in the data dir, so that tokens outlive restarts
+            issuer_port = int(ensure_state(data_dir / "issuer").issuer.rsplit(":", 1)[1])
+        except (OSError, ValueError) as exc:
+            raise UpError(f"the development issuer in {data_dir / 'issuer'} is unusable: {exc}") from None
+        ports = [
+            (args.host, args.http_port, "the gateway's HTTP"),
+            (args.host, args.grpc_port, "the gateway's gRPC"),
+            ("127.0.0.1", issuer_port, f"the development issuer's (kept in {data_dir / 'issuer'})"),
+        ]
+        endpoint = args.etcd
+        if endpoint is None:
+            _stop_leftover_etcd(data_dir, _read_state(data_dir))
+            client, peer = _etcd_ports(data_dir)
+            _check_ports([*ports, ("127.0.0.1", client, "etcd's client"), ("127.0.0.1", peer, "etcd's peer")])
+            try:
+                etcd_server = LocalEtcd(data_dir=data_dir / "etcd", client_port=client, peer_port=peer, die_with_parent=True)
+                etcd_server.start()
+            except (OSError, RuntimeError, TimeoutError) as exc:
+                raise UpError(f"etcd did not start: {exc}") from None
+            endpoint = etcd_server.endpoint
+            log.info("etcd running on %s (data in %s)", endpoint, data_dir / "etcd")
+        else:
+            _check_ports(ports)
+        state = {"pid": os.getpid(), "data_dir": str(data_dir), "etcd": endpoint,
+                 "etcd_pid": etcd_server.pid if etcd_server else None,
+                 "http": f"{args.host}:{args.http_port}", "grpc": f"{args.host}:{args.grpc_port}"}  # fmt: skip
+        state_path.write_text(json.dumps(state))
+        remember_data_dir(data_dir)
+        return asyncio.run(_serve(args, data_dir, endpoint))
+    finally:
+        if etcd_server is not None:
+            etcd_server.stop()
+        with contextlib.suppress(OSError):
+            state_path.unlink()
+        lock.close()
+
+
 def run(args: argparse.Namespace) -> int:
-    return asyncio.run(_up(args))
+    try:
+        return _up(args)
+    except UpError as exc:
+        print(f"modelgw up: {exc}", file=sys.stderr)
+        return 1

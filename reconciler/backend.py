@@ -1,8 +1,8 @@
 """What the reconciler core asks of a backend: observe workloads, make one match a
 runtime spec, remove one. A backend is declarative, as a Kubernetes Deployment is: it is
 told the desired spec and replica count and keeps its replicas there by itself
-(the local backend supervises processes; the kubernetes backend leaves that to the
-Deployment controller)."""
+(the local backend supervises processes; a Kubernetes backend, not written yet, would
+leave that to the Deployment controller). Backends are listed in reconciler.cli.BACKENDS."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class Backend(Protocol):
 
     async def close(self) -> None:
         """Stop acting and let go of what this process holds: the local backend stops its
-        replica processes (they cannot outlive it); a kubernetes backend leaves its
+        replica processes (they cannot outlive it); a Kubernetes backend would leave its
         Deployments running. Called when leadership is lost and on shutdown; the backend
         may be used again after."""
         ...

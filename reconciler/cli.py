@@ -1,4 +1,10 @@
-"""`modelgw reconcile`: keep runtime workloads in line with the registry."""
+"""`modelgw reconcile`: keep runtime workloads in line with the registry.
+
+The backends it can run are the entries of BACKENDS (name -> a factory taking the parsed
+arguments); only `local` exists today. A second backend adds its entry there and brings
+back a `--backend` flag choosing among them (reconciler.backend.Backend is what it must
+implement); the core, the election and the status writes do not change.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,12 @@ import signal
 import socket
 import tempfile
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from modelgw.registry.keys import DEFAULT_PREFIX
+
+if TYPE_CHECKING:
+    from modelgw.reconciler.backend import Backend
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +62,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Start, scale, restart and remove runtime replicas so that they match the "
         "runtimes in the registry. Several reconcilers may run: one leads, the others stand by.",
     )
-    p.add_argument("--backend", choices=["local", "kubernetes"], default="local")
     p.add_argument("--etcd", type=_etcd_endpoint, default="127.0.0.1:2379", help="etcd endpoint HOST:PORT (default %(default)s)")
     p.add_argument("--prefix", type=_prefix, default=DEFAULT_PREFIX, help="registry key prefix (default %(default)s)")
     p.add_argument("--identity", default=None, help="this reconciler's name in the election (default host-pid)")
@@ -63,7 +72,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="reconcile at least this often, changes or not (default %(default)s)")
     p.add_argument("--data-dir", default=None, help="local backend: where replica logs go")
     p.add_argument("--host", default="127.0.0.1", help="local backend: address replicas listen on")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, backend="local")
+
+
+def _local_backend(args: argparse.Namespace) -> Backend:
+    """Replicas as supervised processes on this machine, logs in DATA_DIR/logs."""
+    from modelgw.reconciler.local import LocalBackend
+
+    data_dir = args.data_dir or tempfile.mkdtemp(prefix="modelgw-reconciler-")
+    log.info("replica logs in %s", os.path.join(data_dir, "logs"))
+    return LocalBackend(
+        args.etcd, args.prefix, log_dir=os.path.join(data_dir, "logs"), host=args.host, lease_ttl=args.lease_ttl
+    )
+
+
+BACKENDS: dict[str, Callable[[argparse.Namespace], Backend]] = {"local": _local_backend}
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -71,16 +94,9 @@ async def _run(args: argparse.Namespace) -> int:
     # child execs at once) and only log noise when other threads use gRPC
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
     from modelgw.reconciler.core import Reconciler
-    from modelgw.reconciler.local import LocalBackend
     from modelgw.registry.store import RegistryStore
 
-    if args.backend != "local":
-        log.error("the %s backend is not available yet; use --backend local", args.backend)
-        return 2
-    data_dir = args.data_dir or tempfile.mkdtemp(prefix="modelgw-reconciler-")
-    backend = LocalBackend(
-        args.etcd, args.prefix, log_dir=os.path.join(data_dir, "logs"), host=args.host, lease_ttl=args.lease_ttl
-    )
+    backend = BACKENDS[args.backend](args)
     identity = args.identity or f"{socket.gethostname()}-{os.getpid()}"
     store = RegistryStore(args.etcd, prefix=args.prefix)
     reconciler = Reconciler(store, backend, identity, resync_seconds=args.resync_seconds, lease_ttl=args.lease_ttl)
@@ -95,7 +111,7 @@ async def _run(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
-    log.info("reconciler %s started (backend %s, etcd %s, logs in %s)", identity, backend.name, args.etcd, data_dir)
+    log.info("reconciler %s started (backend %s, etcd %s)", identity, backend.name, args.etcd)
     code = 0
     try:
         await task

@@ -7,6 +7,10 @@ runs when a registry change matters to it (a runtime changed; a replica's endpoi
 went or changed readiness; someone else touched a status) and every `resync_seconds`,
 and only while this reconciler leads. Readiness comes from the registry, not the backend:
 a replica is ready when its endpoint says so, whatever runs it.
+
+The workloads are let go (backend.close()) only when another reconciler is seen leading,
+never because etcd was unreachable, even for longer than the election lease: see
+election.LeaderElection.lost.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from modelgw.registry.errors import NotFoundError, RegistryError
 from modelgw.registry.keys import Section
 from modelgw.registry.store import RegistryStore
 from modelgw.registry.view import Change, RegistryView
+from modelgw.tasks import OutageLog, guard, stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +155,8 @@ class Reconciler:
                     await self._lead()
                 finally:
                     self.leading = False
-                # etcd gave the leadership to another reconciler: it owns the workloads now
-                log.warning("lost the leadership: letting go of this process's workloads")
+                # another reconciler leads: it owns the workloads now
+                log.warning("another reconciler leads: letting go of this process's workloads")
                 await self._release()
         finally:
             unsubscribe()
@@ -185,34 +190,31 @@ class Reconciler:
         return False
 
     async def _lead(self) -> None:
-        lost = asyncio.ensure_future(self.election.lost())
+        """Reconcile until another reconciler is seen leading."""
+        lost = guard(asyncio.ensure_future(self.election.lost()), "the leadership check", log)
+        synced = waiter = None
         try:
             synced = asyncio.ensure_future(self.view.synced.wait())
             await asyncio.wait({synced, lost}, return_when=asyncio.FIRST_COMPLETED)
-            synced.cancel()
-            failing = False
+            outage = OutageLog(log, "reconcile pass")
             while not lost.done():
                 self._wake.clear()
                 try:
                     await self.reconcile_once()
-                except RegistryError as exc:  # etcd unreachable, mostly: once per outage
-                    if not failing:
-                        log.warning("reconcile pass failed (will retry): %s", exc)
-                    failing = True
+                except RegistryError as exc:  # etcd unreachable, mostly
+                    outage.failed(exc, "will retry")
                 except Exception:
                     log.exception("reconcile pass failed (will retry)")
-                    failing = True
+                    outage.failing = True
                 else:
-                    if failing:
-                        log.info("reconcile passes work again")
-                    failing = False
-                if failing:  # do not spin on a failure that changes keep triggering
+                    outage.recovered("works again")
+                if outage.failing:  # do not spin on a failure that changes keep triggering
                     await asyncio.wait({lost}, timeout=min(1.0, self.resync_seconds))
                 waiter = asyncio.ensure_future(self._wake.wait())
                 await asyncio.wait({waiter, lost}, timeout=self.resync_seconds, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
         finally:
-            lost.cancel()
+            await stop_tasks(lost, synced, waiter)
 
     async def reconcile_once(self) -> Plan:
         """One pass: act on the difference, then write the statuses that changed."""

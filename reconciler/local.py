@@ -33,7 +33,7 @@ class Replica:
     Only the supervising task starts and ends processes; stop() asks it to and waits, so
     a stop that comes while a restart is under way cannot leave a process behind."""
 
-    def __init__(self, group: "ProcessGroup", slot: int) -> None:
+    def __init__(self, group: ProcessGroup, slot: int) -> None:
         self.group = group
         self.slot = slot
         self.process: asyncio.subprocess.Process | None = None
@@ -68,7 +68,9 @@ class Replica:
             else:
                 self.process = process
                 code = await self._run(process)
-                self.last_error = ""
+                # its last words (a runtime's one error line: an unknown kind, a bad
+                # flag), so that the status says why, not only where to look
+                self.last_error = self.group.backend.last_output_line(self.instance) if code else ""
             if self.stopping:
                 return
             self.last_exit = code
@@ -100,7 +102,7 @@ class Replica:
                 process.terminate()
             try:
                 await asyncio.wait_for(asyncio.shield(exited), self.grace)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("replica %s did not stop within %.0fs; killing it", self.instance, self.grace)
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
@@ -114,7 +116,7 @@ class Replica:
 
 
 class ProcessGroup:
-    def __init__(self, backend: "LocalBackend", spec: rpb.RuntimeSpec, spec_hash: str) -> None:
+    def __init__(self, backend: LocalBackend, spec: rpb.RuntimeSpec, spec_hash: str) -> None:
         self.backend = backend
         self.spec = spec
         self.spec_hash = spec_hash
@@ -130,7 +132,8 @@ class ProcessGroup:
         problems = []
         for r in self.replicas:
             if len(r.recent_crashes) >= 3:
-                why = r.last_error or f"see {self.backend.log_path(r.instance)}"
+                where = f"see {self.backend.log_path(r.instance)}"
+                why = f"{r.last_error}; {where}" if r.last_error else where
                 problems.append(
                     f"replica {r.slot} keeps crashing (last exit code {r.last_exit}, "
                     f"{len(r.recent_crashes)} exits in 2 minutes); {why}"
@@ -173,6 +176,18 @@ class LocalBackend:
     def log_path(self, instance: str) -> Path:
         return self.log_dir / f"{instance}.log"
 
+    def last_output_line(self, instance: str, limit: int = 300) -> str:
+        """The last non-empty line a replica wrote (at most `limit` characters), or ""."""
+        try:
+            with open(self.log_path(instance), "rb") as log_file:
+                log_file.seek(0, os.SEEK_END)
+                log_file.seek(max(0, log_file.tell() - 4096))
+                tail = log_file.read().decode(errors="replace")
+        except OSError:
+            return ""
+        lines = [line.strip() for line in tail.splitlines() if line.strip()]
+        return lines[-1][:limit] if lines else ""
+
     def argv(self, spec: rpb.RuntimeSpec, instance: str, port: int) -> list[str]:
         """The replica's command line. A spec's own `command` may use the placeholders
         {python} {host} {port} {etcd} {prefix} {runtime} {instance} {kind}."""
@@ -210,11 +225,14 @@ class LocalBackend:
         argv = self.argv(spec, instance, port)
         # the replica arms PR_SET_PDEATHSIG itself (modelgw.process): it dies with us
         env = {**os.environ, **dict(spec.env), PARENT_PID_ENV: str(os.getpid())}
-        with open(self.log_path(instance), "ab") as out:
+        out = os.open(self.log_path(instance), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
                 env=env,
             )  # fmt: skip
+        finally:
+            os.close(out)  # the child has its own copy
         log.info("runtime %s: started replica %s (pid %d)", spec.name, instance, process.pid)
         return process
 

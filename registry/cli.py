@@ -5,6 +5,9 @@
     modelgw delete model|runtime NAME [--force] [--revision N]
     modelgw registry serve --etcd HOST:PORT [--port 8001]
 
+`get models` shows each version's state as the endpoints of its runtime report it (READY 2/2,
+LOADING 1/2, FAILED 0/2: reason, PENDING); `apply` warns when a local path or file:// URI
+does not exist on this machine, and applies it anyway (the runtime's machine may have it).
 The file format is described in modelgw.registry.files. The commands talk to the
 RegistryService (`--server HOST:PORT`, default 127.0.0.1:8001 where the gateway mounts
 it), or straight to etcd with `--etcd HOST:PORT` (to bootstrap before a gateway runs;
@@ -23,8 +26,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from modelgw.protos import registry_pb2 as rpb
 from modelgw.registry import files
@@ -175,7 +179,39 @@ async def _apply(args: argparse.Namespace) -> int:
                 failed += 1
                 continue
             print(f"{doc.kind.lower()}/{doc.spec.name} {OUTCOMES.get(result.outcome, 'applied')}")
+            if doc.kind == "Model":
+                for warning in _missing_local_files(doc.spec):
+                    print(f"warning: {doc.source}: {warning}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _missing_local_files(spec: rpb.ModelSpec) -> list[str]:
+    """A warning for each version whose local path (or file:// URI) does not exist on this
+    machine. Only a warning: the runtime may run on another machine that has it."""
+    warnings = []
+    for i, version in enumerate(spec.versions):
+        path = _local_path(version.uri)
+        if path is None or os.path.exists(path):
+            continue
+        module, sep, _ = path.rpartition(":")
+        is_class_reference = bool(sep) and module.endswith(".py")  # the python kind's 'file.py:Class'
+        if is_class_reference and os.path.exists(module):
+            continue
+        warnings.append(
+            f"models/{spec.name}: versions[{i}].uri: {module if is_class_reference else path} does not exist "
+            "on this machine (applied: it may exist where the runtime runs)"
+        )
+    return warnings
+
+
+def _local_path(uri: str) -> str | None:
+    """The path an absolute path or file:// URI names; None for anything else."""
+    if uri.startswith("/"):
+        return uri
+    parts = urlsplit(uri)
+    if parts.scheme == "file" and parts.netloc in ("", "localhost") and parts.path.startswith("/"):
+        return unquote(parts.path)
+    return None
 
 
 # ---------------------------------------------------------------- get
@@ -183,12 +219,16 @@ async def _apply(args: argparse.Namespace) -> int:
 
 async def _get(args: argparse.Namespace) -> int:
     kind = RESOURCES[args.resource]
+    rows: list[tuple[str, ...]] = []
+    header: tuple[str, ...]
     async with _registry(args) as registry:
         if kind == "Model":
             records = [await registry.get_model(args.name)] if args.name else list((await registry.list_models()).models)
             documents = [files.model_document(r) for r in records]
-            rows = [_model_row(r) for r in records]
-            header = ("NAME", "VERSIONS", "RUNTIMES", "TRAFFIC", "REVISION")
+            if args.output == "table" and records:  # the state comes from the endpoints
+                replicas = _replicas_by_runtime((await registry.list_endpoints()).endpoints)
+                rows = [_model_row(r, replicas) for r in records]
+            header = ("NAME", "VERSIONS", "RUNTIMES", "TRAFFIC", "REVISION", "STATE")
         elif kind == "Runtime":
             if args.name:
                 runtimes = [await registry.get_runtime(args.name)]
@@ -214,7 +254,7 @@ async def _get(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_row(record: rpb.ModelRecord) -> tuple[str, ...]:
+def _model_row(record: rpb.ModelRecord, replicas: dict[str, list[rpb.Endpoint]]) -> tuple[str, ...]:
     spec = record.spec
     versions = [v.version for v in spec.versions]
     runtimes = dict.fromkeys(v.runtime for v in spec.versions)
@@ -222,7 +262,43 @@ def _model_row(record: rpb.ModelRecord) -> tuple[str, ...]:
         traffic = ",".join(f"{v}:{spec.traffic[v]}" for v in versions if v in spec.traffic)
     else:
         traffic = f"{versions[-1]}:100" if versions else "-"
-    return (spec.name, ",".join(versions) or "-", ",".join(runtimes) or "-", traffic, str(record.revision))
+    states = [(v.version, _version_state(spec.name, v, replicas.get(v.runtime, []))) for v in spec.versions]
+    # one version: its state; several: each one's, named (last column: a reason has spaces)
+    state = states[0][1] if len(states) == 1 else "; ".join(f"{v}: {s}" for v, s in states)
+    return (spec.name, ",".join(versions) or "-", ",".join(runtimes) or "-", traffic, str(record.revision),
+            state or "-")  # fmt: skip
+
+
+def _replicas_by_runtime(endpoints: Iterable[rpb.Endpoint]) -> dict[str, list[rpb.Endpoint]]:
+    replicas: dict[str, list[rpb.Endpoint]] = {}
+    for endpoint in endpoints:
+        replicas.setdefault(endpoint.runtime, []).append(endpoint)
+    return replicas
+
+
+def _version_state(model: str, version: rpb.ModelVersion, replicas: list[rpb.Endpoint]) -> str:
+    """What the replicas of its runtime report for one version, counted as `kubectl get
+    pods` counts containers: "READY 2/2", "LOADING 1/2", "FAILED 0/2: <the reason>", or
+    "PENDING 1/2" while some replica has not picked it up yet."""
+    if not replicas:
+        return f"PENDING: runtime {version.runtime} has no replicas registered"
+    reported = [
+        next((m for m in e.models if m.name == model and m.version == version.version), None) for e in replicas
+    ]
+    ready = sum(
+        1 for e, m in zip(replicas, reported, strict=True) if e.ready and m is not None and m.state == rpb.LoadedModel.READY
+    )
+    counts = f"{ready}/{len(replicas)}"
+    failed = [m for m in reported if m is not None and m.state == rpb.LoadedModel.FAILED]
+    if failed:
+        reason = " ".join(failed[0].message.split())  # on one line, whatever the runtime wrote
+        return f"FAILED {counts}: {reason}" if reason else f"FAILED {counts}"
+    if ready == len(replicas):
+        return f"READY {counts}"
+    for state in (rpb.LoadedModel.LOADING, rpb.LoadedModel.UNLOADING):
+        if any(m is not None and m.state == state for m in reported):
+            return f"{rpb.LoadedModel.State.Name(state)} {counts}"
+    return f"PENDING {counts}"
 
 
 def _runtime_row(record: rpb.RuntimeRecord) -> tuple[str, ...]:
@@ -240,7 +316,7 @@ def _endpoint_row(endpoint: rpb.Endpoint) -> tuple[str, ...]:
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["   ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines = ["   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     return "\n".join(lines) + "\n"
 
 

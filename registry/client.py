@@ -18,25 +18,13 @@ import grpc
 from modelgw.protos import registry_pb2 as rpb
 from modelgw.protos import registry_pb2_grpc as rpb_grpc
 from modelgw.registry.errors import (
+    CURRENT_REVISION_METADATA,
+    ERROR_OF_CODE,
     CompactedError,
     ConflictError,
-    CorruptRecordError,
-    IntegrityError,
-    NotFoundError,
     RegistryError,
     UnavailableError,
-    ValidationError,
 )
-from modelgw.registry.service import CURRENT_REVISION_METADATA
-
-_ERRORS: dict[grpc.StatusCode, type[RegistryError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: ValidationError,
-    grpc.StatusCode.NOT_FOUND: NotFoundError,
-    grpc.StatusCode.FAILED_PRECONDITION: IntegrityError,
-    grpc.StatusCode.UNAVAILABLE: UnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,
-    grpc.StatusCode.DATA_LOSS: CorruptRecordError,
-}
 
 
 class RegistryClient:
@@ -50,7 +38,7 @@ class RegistryClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def __aenter__(self) -> "RegistryClient":
+    async def __aenter__(self) -> RegistryClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -69,7 +57,7 @@ class RegistryClient:
             return RegistryError(f"the registry service at {self.target} refused the request: {details}{hint}")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "etcd" not in details:
             return UnavailableError(f"registry service at {self.target} is unreachable: {details}")
-        return _ERRORS.get(code, RegistryError)(details or code.name)
+        return ERROR_OF_CODE.get(code, RegistryError)(details or code.name)
 
     async def _call(self, method, request):
         try:

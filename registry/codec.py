@@ -158,9 +158,8 @@ def _coerce_value(value: Any, field: FieldDescriptor, where: str, problems: list
     elif kind in _FLOAT_TYPES:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{where}: expected a number, got {_show(value)}")
-    elif kind == FieldDescriptor.TYPE_ENUM:
-        if not isinstance(value, (str, int)) or isinstance(value, bool):
-            problems.append(f"{where}: expected one of {', '.join(field.enum_type.values_by_name)}, got {_show(value)}")
+    elif kind == FieldDescriptor.TYPE_ENUM and (not isinstance(value, (str, int)) or isinstance(value, bool)):
+        problems.append(f"{where}: expected one of {', '.join(field.enum_type.values_by_name)}, got {_show(value)}")
     return value
 
 

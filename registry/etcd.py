@@ -113,7 +113,7 @@ class Etcd:
         with contextlib.suppress(Exception):
             await self.client.close()
 
-    async def __aenter__(self) -> "Etcd":
+    async def __aenter__(self) -> Etcd:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -132,7 +132,7 @@ class Etcd:
             if isinstance(exc, (aetcd.ConnectionFailedError, aetcd.ConnectionTimeoutError)):
                 raise UnavailableError(f"etcd at {self.endpoint} is unreachable: {exc}") from None
             raise RegistryError(f"etcd at {self.endpoint}: {exc}") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UnavailableError(f"etcd at {self.endpoint} did not answer within {self.timeout:g}s") from None
 
     def _translate(self, code: grpc.StatusCode, details: str) -> RegistryError:

@@ -14,7 +14,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from modelgw.net import free_port
+from modelgw.net import free_port, port_free
+from modelgw.process import tied_to_this_process
 
 
 class LocalEtcd:
@@ -26,6 +27,7 @@ class LocalEtcd:
         client_port: int | None = None,
         peer_port: int | None = None,
         binary: str = "etcd",
+        die_with_parent: bool = False,
     ) -> None:
         found = shutil.which(binary)
         if not found:
@@ -39,6 +41,9 @@ class LocalEtcd:
         self.peer_port = peer_port or free_port()
         self.process: subprocess.Popen | None = None
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        # SIGTERM etcd when this process dies, even by SIGKILL (modelgw.process); call
+        # start() from the main thread then, as the death signal follows the thread
+        self.die_with_parent = die_with_parent
 
     @property
     def host(self) -> str:
@@ -48,7 +53,16 @@ class LocalEtcd:
     def endpoint(self) -> str:
         return f"{self.host}:{self.client_port}"
 
-    def start(self, timeout: float = 30.0) -> "LocalEtcd":
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def start(self, timeout: float = 30.0) -> LocalEtcd:
+        """Start etcd and wait until it answers healthy. OSError when one of its ports is
+        taken, RuntimeError when it exits, TimeoutError when it never gets healthy."""
+        for port, what in ((self.client_port, "client"), (self.peer_port, "peer")):
+            if not port_free(self.host, port):
+                raise OSError(f"etcd's {what} port {self.host}:{port} is already in use")
         client = f"http://{self.endpoint}"
         peer = f"http://{self.host}:{self.peer_port}"
         args = [
@@ -65,10 +79,10 @@ class LocalEtcd:
             "--logger", "zap",
         ]  # fmt: skip
         env = dict(os.environ, ETCD_UNSUPPORTED_ARCH=os.environ.get("ETCD_UNSUPPORTED_ARCH", ""))
-        self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        if self.die_with_parent:
+            args, env = tied_to_this_process(args, env)
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self._wait_healthy(timeout)
         return self
 
@@ -97,14 +111,25 @@ class LocalEtcd:
         """Stop etcd (SIGTERM, or SIGKILL when kill=True); the data dir is kept."""
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            self.process.send_signal(signal.SIGCONT)  # a paused etcd cannot act on SIGTERM
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
         self.process = None
-        if getattr(self, "_log", None):
-            self._log.close()
+
+    def pause(self) -> None:
+        """Freeze etcd (SIGSTOP): its sockets stay open but nothing answers, and its leases
+        keep running out as wall-clock time passes, like a member stuck on a disk or a VM
+        paused; resume() thaws it."""
+        assert self.process is not None, "start() first"
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Thaw an etcd frozen by pause() (SIGCONT)."""
+        assert self.process is not None, "start() first"
+        self.process.send_signal(signal.SIGCONT)
 
     def restart(self, timeout: float = 30.0) -> None:
         """Start again on the same ports and data dir (e.g. after stop() in a test)."""
@@ -117,7 +142,7 @@ class LocalEtcd:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             self.log_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "LocalEtcd":
+    def __enter__(self) -> LocalEtcd:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -22,6 +22,12 @@ it is and carries the record's fields exactly as in protos/registry.proto:
 `get -o yaml` writes the same documents with `revision` set (and a runtime's `status`,
 which apply ignores), so get, edit and apply round-trips with optimistic concurrency: the
 apply fails with a conflict if someone changed the record in between.
+
+`read_document` is the one reader of a document, for the CLI's files and for the REST admin
+API's bodies alike, so a body's `revision` means there exactly what it means here. The REST
+API also takes a bare spec, and a record as its GET answers it (`revision` and
+`create_revision` as strings, as the proto3 JSON mapping writes int64); `create_revision`
+and `status` are read-only and ignored.
 """
 
 from __future__ import annotations
@@ -36,10 +42,12 @@ from google.protobuf.message import Message
 from modelgw.protos import registry_pb2 as rpb
 from modelgw.registry import codec
 from modelgw.registry.errors import ValidationError
+from modelgw.registry.keys import KINDS
 
-SPEC_TYPES: dict[str, type[Message]] = {"Runtime": rpb.RuntimeSpec, "Model": rpb.ModelSpec}
-PLURAL = {"Runtime": "runtimes", "Model": "models", "Endpoint": "endpoints"}
-DOCUMENT_FIELDS = ("kind", "revision", "spec", "status")
+# document kind -> its spec message / its plural (the key path), from the one table of kinds
+SPEC_TYPES: dict[str, type[Message]] = {k.document: k.message for k in KINDS if k.applied}
+PLURAL: dict[str, str] = {k.document: k.path.rstrip("/") for k in KINDS if k.document}
+DOCUMENT_FIELDS = ("kind", "revision", "spec", "status", "create_revision")
 
 
 @dataclass
@@ -48,6 +56,19 @@ class Document:
     spec: Any  # RuntimeSpec | ModelSpec
     revision: int | None  # expected revision, when the document gives one
     source: str  # where it came from, for error messages: "models.yaml#2"
+
+    def expected_revision(self, outside: int | None, outside_name: str) -> int | None:
+        """The expected revision of applying this document when the caller also gave one
+        outside it (an HTTP If-Match): either alone counts; both must agree, because which
+        of two different revisions the writer meant cannot be known."""
+        if outside is None:
+            return self.revision
+        if self.revision is not None and self.revision != outside:
+            raise ValidationError(
+                f"{self.source}: {PLURAL[self.kind]}/{self.spec.name or '<unnamed>'}: revision: the body says "
+                f"{self.revision} but {outside_name} says {outside}; send one of them, or the same revision in both"
+            )
+        return outside
 
 
 def parse_documents(text: str, source: str) -> list[Document]:
@@ -77,16 +98,25 @@ def parse_documents(text: str, source: str) -> list[Document]:
     if not items:
         raise ValidationError(f"{source}: no documents found (expected kind and spec)")
     multiple = len(items) > 1
-    return [_document(item, f"{source}#{i + 1}" if multiple else source) for i, item in enumerate(items)]
+    return [read_document(item, f"{source}#{i + 1}" if multiple else source) for i, item in enumerate(items)]
 
 
-def _document(item: Any, source: str) -> Document:
+def read_document(item: Any, source: str, kind: str | None = None) -> Document:
+    """One document as parsed JSON or YAML: its spec, type-checked (not yet validated: the
+    store does that), and the revision it expects. With `kind` (a REST URL says it), the
+    document's kind may be left out but must match, and a bare spec (no `spec` field) is
+    accepted too, expecting no revision. Raises ValidationError naming `source` and field."""
+    if kind is not None and not (isinstance(item, dict) and "spec" in item):
+        what = f"{PLURAL[kind]}/{item.get('name') or '<unnamed>'}" if isinstance(item, dict) else PLURAL[kind]
+        return Document(kind=kind, spec=codec.from_dict(item, SPEC_TYPES[kind], what), revision=None, source=source)
     if not isinstance(item, dict):
         raise ValidationError(f"{source}: expected a mapping with kind and spec, got {type(item).__name__}")
     unknown = [str(k) for k in item if k not in DOCUMENT_FIELDS]
     if unknown:
         raise ValidationError(f"{source}: unknown field {unknown[0]!r} (a document has: {', '.join(DOCUMENT_FIELDS)})")
-    kind = item.get("kind")
+    if kind is not None and item.get("kind", kind) != kind:
+        raise ValidationError(f"{source}: kind: {item['kind']!r} sent to the {PLURAL[kind]} API (expected {kind!r})")
+    kind = item.get("kind", kind)
     if kind == "Endpoint":
         raise ValidationError(f"{source}: kind: endpoints are registered by runtime replicas and cannot be applied")
     if kind not in SPEC_TYPES:
@@ -98,6 +128,8 @@ def _document(item: Any, source: str) -> Document:
     name = spec.get("name") if isinstance(spec, dict) else None
     what = f"{PLURAL[kind]}/{name if isinstance(name, str) and name else '<unnamed>'}"
     revision = item.get("revision")
+    if isinstance(revision, str) and revision.isdigit():
+        revision = int(revision)  # the proto3 JSON mapping writes int64 as a string
     if revision is not None and (isinstance(revision, bool) or not isinstance(revision, int) or revision < 0):
         raise ValidationError(f"{source}: {what}: revision: expected a whole number of 0 or more, got {revision!r}")
     message = codec.from_dict(spec, SPEC_TYPES[kind], what)

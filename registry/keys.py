@@ -5,6 +5,10 @@
     endpoints/<runtime>/<instance>  Endpoint (under the replica's lease)
     status/runtimes/<name>          RuntimeStatus (written by the reconciler)
     election/<name>                 leader key (e.g. election/reconciler), under a lease
+
+Each record kind is one row of KINDS (its path, message, view attribute, watch-event field,
+document kind): Keys.parse, the RegistryView, the store's watch and the file/body reader
+all read that table, and nothing else lists the kinds.
 """
 
 from __future__ import annotations
@@ -25,6 +29,32 @@ class Section(str, Enum):
     ENDPOINT = "endpoint"
     RUNTIME_STATUS = "runtime_status"
     ELECTION = "election"
+
+
+@dataclass(frozen=True)
+class RecordKind:
+    """One kind of registry record: where it lives, what it holds, how it is read back."""
+
+    section: Section
+    path: str  # its keys under the prefix: path + name ("models/resnet")
+    message: type[Message]  # what the key's value holds (proto3 JSON, see codec.py)
+    attribute: str  # the Snapshot / RegistryView mapping of these records: view.models
+    event_field: str  # the WatchEvent `object` field carrying one
+    document: str = ""  # its `kind:` in files and admin bodies ("" for none)
+    applied: bool = False  # whether people apply it (endpoints and statuses are written by processes)
+    parts: int = 1  # name segments: 1 "<name>", 2 "<runtime>/<instance>"
+
+
+# THE table of record kinds: key parsing, the view, the watches and the document reader all
+# read it, so a new kind (jobs, streams) is one row here (plus its Section member).
+KINDS: tuple[RecordKind, ...] = (
+    RecordKind(Section.RUNTIME, "runtimes/", rpb.RuntimeSpec, "runtimes", "runtime", "Runtime", applied=True),
+    RecordKind(Section.MODEL, "models/", rpb.ModelSpec, "models", "model", "Model", applied=True),
+    RecordKind(Section.ENDPOINT, "endpoints/", rpb.Endpoint, "endpoints", "endpoint", "Endpoint", parts=2),
+    RecordKind(Section.RUNTIME_STATUS, "status/runtimes/", rpb.RuntimeStatus, "statuses", "runtime_status"),
+)
+KIND: dict[Section, RecordKind] = {kind.section: kind for kind in KINDS}
+ELECTION_PATH = "election/"  # not a record: leader keys hold plain identities
 
 
 @dataclass(frozen=True)
@@ -56,27 +86,35 @@ class Keys:
             raise ValueError(f"registry prefix must start with '/': {prefix!r}")
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         self.root = self.prefix.encode()
-        self.runtimes = self.root + b"runtimes/"
-        self.models = self.root + b"models/"
-        self.endpoints = self.root + b"endpoints/"
-        self.statuses = self.root + b"status/runtimes/"
-        self.elections = self.root + b"election/"
+        self.runtimes = self.of(Section.RUNTIME)
+        self.models = self.of(Section.MODEL)
+        self.endpoints = self.of(Section.ENDPOINT)
+        self.statuses = self.of(Section.RUNTIME_STATUS)
+        self.elections = self.root + ELECTION_PATH.encode()
+
+    def of(self, section: Section) -> bytes:
+        """The prefix of every record of a kind."""
+        return self.root + KIND[section].path.encode()
+
+    def record(self, section: Section, name: str) -> bytes:
+        """The key of one record (`name` is "<runtime>/<instance>" for endpoints)."""
+        return self.of(section) + name.encode()
 
     def runtime(self, name: str) -> bytes:
-        return self.runtimes + name.encode()
+        return self.record(Section.RUNTIME, name)
 
     def model(self, name: str) -> bytes:
-        return self.models + name.encode()
+        return self.record(Section.MODEL, name)
 
     def endpoint(self, runtime: str, instance: str) -> bytes:
-        return self.endpoints + f"{runtime}/{instance}".encode()
+        return self.record(Section.ENDPOINT, f"{runtime}/{instance}")
 
     def endpoints_of(self, runtime: str) -> bytes:
         """Prefix of one runtime's endpoints."""
         return self.endpoints + f"{runtime}/".encode()
 
     def runtime_status(self, name: str) -> bytes:
-        return self.statuses + name.encode()
+        return self.record(Section.RUNTIME_STATUS, name)
 
     def election(self, name: str = "reconciler") -> bytes:
         return self.elections + name.encode()
@@ -86,32 +124,16 @@ class Keys:
         if not key.startswith(self.root):
             return None
         rest = key[len(self.root) :].decode("utf-8", "replace")
-        section, _, name = rest.partition("/")
-        if not name:
-            return None
-        if section == "runtimes":
-            return ParsedKey(Section.RUNTIME, name) if "/" not in name else None
-        if section == "models":
-            return ParsedKey(Section.MODEL, name) if "/" not in name else None
-        if section == "endpoints":
-            runtime, _, instance = name.partition("/")
-            if not runtime or not instance:
-                return None
-            return ParsedKey(Section.ENDPOINT, name, runtime=runtime, instance=instance)
-        if section == "status":
-            kind, _, status_name = name.partition("/")
-            if kind == "runtimes" and status_name and "/" not in status_name:
-                return ParsedKey(Section.RUNTIME_STATUS, status_name)
-            return None
-        if section == "election":
-            return ParsedKey(Section.ELECTION, name)
+        if rest.startswith(ELECTION_PATH):
+            name = rest[len(ELECTION_PATH) :]
+            return ParsedKey(Section.ELECTION, name) if name else None
+        for kind in KINDS:
+            if rest.startswith(kind.path):
+                name = rest[len(kind.path) :]
+                parts = name.split("/", kind.parts - 1)
+                if len(parts) != kind.parts or not all(parts) or (kind.parts == 1 and "/" in name):
+                    return None
+                if kind.parts == 2:
+                    return ParsedKey(kind.section, name, runtime=parts[0], instance=parts[1])
+                return ParsedKey(kind.section, name)
         return None
-
-
-# Which message each section holds (the election section holds plain identities).
-RECORD_TYPES: dict[Section, type[Message]] = {
-    Section.RUNTIME: rpb.RuntimeSpec,
-    Section.MODEL: rpb.ModelSpec,
-    Section.ENDPOINT: rpb.Endpoint,
-    Section.RUNTIME_STATUS: rpb.RuntimeStatus,
-}

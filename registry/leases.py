@@ -18,6 +18,7 @@ import time
 
 from modelgw.registry.errors import RegistryError
 from modelgw.registry.etcd import Etcd
+from modelgw.tasks import OutageLog, stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class Lease:
         self._revoked = False
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> "Lease":
+    def start(self) -> Lease:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._keep_alive(), name=f"lease-{self.id:x}")
         return self
@@ -52,34 +53,40 @@ class Lease:
 
     async def _keep_alive(self) -> None:
         interval = max(self.ttl / 3.0, 0.2)
+        # at most 1 s between tries while etcd is away: whoever holds the lease hears
+        # within a second of etcd's return whether it outlived the outage
         retry = min(interval, 1.0)
-        failing = False
+        outage = OutageLog(log, f"lease {self.id:x}: keep-alive")
         while True:
             try:
                 remaining = await self._etcd.keep_alive_once(self.id)
             except RegistryError as exc:
-                if not failing:  # once per outage, not every retry
-                    log.warning("lease %x: keep-alive failed, retrying: %s", self.id, exc)
-                failing = True
+                outage.failed(exc)
                 await asyncio.sleep(retry)
                 continue
             if remaining <= 0:
                 log.warning("lease %x has expired; its keys are gone", self.id)
                 self.lost.set()
                 return
-            if failing:
-                log.info("lease %x: kept alive again", self.id)
-                failing = False
+            outage.recovered("works again")
             self.last_refreshed = time.monotonic()
             await asyncio.sleep(interval)
 
+    async def confirm(self) -> bool:
+        """Refresh the lease now and say whether etcd still has it (False sets `lost`).
+        A key just written under a lease that had expired, but that etcd had not yet
+        revoked (as when a frozen etcd thaws), goes a moment later: a candidate that won
+        an election with such a lease has not won. RegistryError when etcd is unreachable."""
+        if await self._etcd.keep_alive_once(self.id) <= 0:
+            self.lost.set()
+            return False
+        self.last_refreshed = time.monotonic()
+        return True
+
     async def stop(self) -> None:
         """Stop refreshing (the lease then expires after its TTL) without revoking it."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_tasks(self._task)
+        self._task = None
 
     async def revoke(self) -> None:
         """Stop refreshing and revoke the lease: every key under it is deleted now."""
@@ -87,7 +94,7 @@ class Lease:
         self._revoked = True
         await self._etcd.revoke(self.id)
 
-    async def __aenter__(self) -> "Lease":
+    async def __aenter__(self) -> Lease:
         return self.start()
 
     async def __aexit__(self, *exc: object) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -45,29 +44,45 @@ from modelgw.protos import registry_pb2 as rpb
 from modelgw.registry import codec
 from modelgw.registry.errors import CorruptRecordError, UnavailableError
 from modelgw.registry.follow import Changes, Connected, Disconnected, Reset, follow_prefix
-from modelgw.registry.keys import RECORD_TYPES, ParsedKey, Section
+from modelgw.registry.keys import KIND, KINDS, ParsedKey, Section
 from modelgw.registry.store import RegistryStore
 
 log = logging.getLogger(__name__)
 
-# section -> the Snapshot attribute holding it
-_ATTRIBUTE = {
-    Section.MODEL: "models",
-    Section.RUNTIME: "runtimes",
-    Section.ENDPOINT: "endpoints",
-    Section.RUNTIME_STATUS: "statuses",
-}
+Records = dict[str, Any]  # record name -> message, for one kind
+
+
+def _empty() -> dict[Section, Records]:
+    return {kind.section: {} for kind in KINDS}
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The registry at one etcd revision. Endpoints are keyed "<runtime>/<instance>"."""
+    """The registry at one etcd revision: every kind of keys.KINDS, by Section, then by
+    record name (endpoints: "<runtime>/<instance>"). `snapshot.of(Section.X)` reads any
+    kind; the properties are typed shortcuts for the kinds the gateway reads."""
 
-    models: dict[str, rpb.ModelSpec] = field(default_factory=dict)
-    runtimes: dict[str, rpb.RuntimeSpec] = field(default_factory=dict)
-    endpoints: dict[str, rpb.Endpoint] = field(default_factory=dict)
-    statuses: dict[str, rpb.RuntimeStatus] = field(default_factory=dict)
+    sections: dict[Section, Records] = field(default_factory=_empty)
     revision: int = 0
+
+    def of(self, section: Section) -> Records:
+        return self.sections[section]
+
+    @property
+    def models(self) -> dict[str, rpb.ModelSpec]:
+        return self.sections[Section.MODEL]
+
+    @property
+    def runtimes(self) -> dict[str, rpb.RuntimeSpec]:
+        return self.sections[Section.RUNTIME]
+
+    @property
+    def endpoints(self) -> dict[str, rpb.Endpoint]:
+        return self.sections[Section.ENDPOINT]
+
+    @property
+    def statuses(self) -> dict[str, rpb.RuntimeStatus]:
+        return self.sections[Section.RUNTIME_STATUS]
 
 
 class ChangeType(str, Enum):
@@ -139,7 +154,7 @@ class RegistryView:
 
     # -- lifecycle
 
-    async def start(self, *, wait: bool = True, timeout: float | None = 10.0) -> "RegistryView":
+    async def start(self, *, wait: bool = True, timeout: float | None = 10.0) -> RegistryView:
         """Start following etcd. With wait, return once the first full read is applied,
         raising UnavailableError if that takes longer than timeout (the view keeps trying
         in the background either way; stop() it if you give up)."""
@@ -148,7 +163,7 @@ class RegistryView:
         if wait:
             try:
                 await asyncio.wait_for(self.synced.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise UnavailableError(
                     f"registry view: no snapshot from etcd at {self._store.endpoint} after {timeout:g}s"
                     + (f" ({self._last_error})" if self._last_error else "")
@@ -164,7 +179,7 @@ class RegistryView:
             self._task = None
         self.connected = False
 
-    async def __aenter__(self) -> "RegistryView":
+    async def __aenter__(self) -> RegistryView:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -229,26 +244,26 @@ class RegistryView:
 
     def _decode(self, parsed: ParsedKey, kv: rpc.KeyValue) -> Message | None:
         try:
-            return codec.decode(kv.value, RECORD_TYPES[parsed.section], kv.key)
+            return codec.decode(kv.value, KIND[parsed.section].message, kv.key)
         except CorruptRecordError as exc:
             log.warning("registry view: skipping %s", exc)
             return None
 
     def _parse(self, key: bytes) -> ParsedKey | None:
         parsed = self._keys.parse(key)
-        return parsed if parsed is not None and parsed.section in _ATTRIBUTE else None
+        return parsed if parsed is not None and parsed.section in KIND else None
 
     def _reset(self, kvs: Iterable[rpc.KeyValue], revision: int) -> None:
-        sections: dict[str, dict[str, Message]] = {name: {} for name in _ATTRIBUTE.values()}
+        sections = _empty()
         for kv in kvs:
             parsed = self._parse(kv.key)
             if parsed is not None and (message := self._decode(parsed, kv)) is not None:
-                sections[_ATTRIBUTE[parsed.section]][parsed.name] = message
+                sections[parsed.section][parsed.name] = message
         old = self.snapshot
-        new = Snapshot(**sections, revision=revision)
+        new = Snapshot(sections, revision=revision)
         changes = []
-        for section, attribute in _ATTRIBUTE.items():
-            before, after = getattr(old, attribute), getattr(new, attribute)
+        for section in sections:
+            before, after = old.of(section), new.of(section)
             for name, message in after.items():
                 if before.get(name) != message:
                     changes.append(Change(section, name, ChangeType.PUT, before.get(name), message, revision))
@@ -261,16 +276,15 @@ class RegistryView:
 
     def _apply(self, events: Iterable[rpc.Event], revision: int) -> None:
         snapshot = self.snapshot
-        copied: dict[str, dict[str, Message]] = {}  # sections copied for this update
+        copied: dict[Section, Records] = {}  # sections copied for this update
         changes = []
         for ev in events:
             parsed = self._parse(ev.kv.key)
             if parsed is None:
                 continue
-            attribute = _ATTRIBUTE[parsed.section]
-            section = copied.get(attribute)
+            section = copied.get(parsed.section)
             if section is None:
-                section = copied[attribute] = dict(getattr(snapshot, attribute))
+                section = copied[parsed.section] = dict(snapshot.of(parsed.section))
             old = section.get(parsed.name)
             if ev.type == rpc.Event.PUT:
                 message = self._decode(parsed, ev.kv)
@@ -281,7 +295,7 @@ class RegistryView:
             elif old is not None:
                 del section[parsed.name]
                 changes.append(Change(parsed.section, parsed.name, ChangeType.DELETE, old, None, ev.kv.mod_revision))
-        self._publish(dataclasses.replace(snapshot, **copied, revision=revision), changes)
+        self._publish(Snapshot({**snapshot.sections, **copied}, revision), changes)
 
     def _publish(self, snapshot: Snapshot, changes: list[Change]) -> None:
         self.snapshot = snapshot

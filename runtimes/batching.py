@@ -8,7 +8,7 @@ thread pool and hands each caller a view of exactly its own rows, in order. Requ
 whose non-batch dims, datatypes or parameters differ are never merged. While a batch
 runs, new requests queue, so batches form under load even with no delay configured.
 
-Both expose `queue_depth` and `in_flight` (requests), published later as load figures.
+Both expose `queue_depth` and `in_flight` (requests): load figures in the endpoint record.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class DirectRunner:
 
 
 class _Pending:
-    __slots__ = ("inputs", "parameters", "rows", "key", "future", "arrival")
+    __slots__ = ("arrival", "future", "inputs", "key", "parameters", "rows")
 
     def __init__(self, inputs: Tensors, parameters: Mapping[str, Any], rows: int, key: Any,
                  future: asyncio.Future, arrival: float) -> None:
@@ -262,7 +262,7 @@ class DynamicBatcher:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
         else:
-            for pending, outputs in zip(batch, results):
+            for pending, outputs in zip(batch, results, strict=True):  # one result per request
                 if not pending.future.done():
                     pending.future.set_result(outputs)
         finally:

@@ -19,11 +19,10 @@ import signal
 import sys
 from dataclasses import dataclass
 
+from modelgw.oip.protocol import MAX_MESSAGE_BYTES
 from modelgw.runtimes.errors import ModelLoadError
 
 log = logging.getLogger("modelgw.runtime")
-
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # same as server.DEFAULT_MAX_MESSAGE_BYTES (imported lazily)
 
 
 @dataclass(frozen=True)
@@ -86,8 +85,18 @@ def parse_lease_ttl(text: str) -> int:
     return ttl
 
 
+class _InstalledKinds:
+    """The kinds this machine can serve, listed when help is printed: looking up installed
+    entry points costs every `modelgw runtime serve` start otherwise."""
+
+    def __str__(self) -> str:
+        from modelgw.runtimes.kinds import kind_names
+
+        return ", ".join(kind_names())
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    runtime = subparsers.add_parser("runtime", help="run a model runtime (pytorch, onnx, python, llm)")
+    runtime = subparsers.add_parser("runtime", help="run a model runtime of one kind (built in or installed)")
     commands = runtime.add_subparsers(dest="runtime_command", metavar="COMMAND", required=True)
     serve = commands.add_parser(
         "serve",
@@ -95,7 +104,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument("--kind", required=True, help="runtime kind: pytorch, onnx, python, ...")
+    kind = serve.add_argument("--kind", required=True, help="runtime kind, one of: %(installed_kinds)s")
+    kind.installed_kinds = _InstalledKinds()  # read by argparse's %-formatting of the help
     serve.add_argument("--model", dest="models", type=parse_model, action="append", default=[],
                        metavar="NAME[:VERSION]=URI",
                        help="a model to serve (repeatable; needed unless --registry assigns models)")
@@ -107,8 +117,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="dynamic batching: how long a request may wait for others (default 0)")
     serve.add_argument("--max-concurrent-batches", type=int, default=1,
                        help="dynamic batching: predict calls per model at once (default 1)")
-    serve.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
-                       help="largest gRPC message in either direction (default 64 MiB)")
+    serve.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES,
+                       help=f"largest gRPC message in either direction (default {MAX_MESSAGE_BYTES >> 20} MiB)")
     serve.add_argument("--workers", type=int, default=None,
                        help="threads running predict calls (default: cores + 2, at most 8)")
     serve.add_argument("--inline-predict-us", type=float, default=200.0,
@@ -188,10 +198,11 @@ async def serve(args: argparse.Namespace) -> int:
         await asyncio.gather(loading, return_exceptions=True)
         await server.stop(grace=0)
         return 0
-    if loading.exception() is not None:
+    failure = loading.exception()
+    if failure is not None:
         stopping.cancel()
         await server.stop(grace=0)
-        raise loading.exception()
+        raise failure
 
     registration = None
     if args.registry:

@@ -84,7 +84,7 @@ class TensorSpec:
             raise ValueError(f"tensor spec {dict(data)} lacks {missing}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        data = {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+        data: dict[str, Any] = {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
         if self.optional:
             data["optional"] = True
         return data

@@ -4,7 +4,7 @@
     await registration.start()     # lease + endpoint record; starts following assignments
     await registration.assigned.wait()   # the first assigned models are loaded (or failed)
     ...
-    await registration.stop()      # revoke the lease: the record goes at once
+    await registration.stop()      # record written not ready, then the lease revoked
 
 - The endpoint record (address, readiness, loaded models with their state, load figures)
   lives under a lease kept alive in the background; if the replica dies, etcd drops it
@@ -15,7 +15,11 @@
 - The record is rewritten when a model's state or the readiness changes, and, at most
   once per `load_interval`, when the load figures change. If the lease is lost (etcd
   expired it: the replica could not reach etcd for longer than the TTL, or it was
-  revoked) a new lease is granted and the record written again, under the same instance.
+  revoked) a new lease is granted and the record written again, under the same instance,
+  as soon as etcd answers (the lease keeper tries every second while it is away).
+- A clean stop writes the record not ready before it revokes the lease, so that the
+  gateway tells a replica leaving (dropped at once) from one whose record etcd expired
+  during an outage (routed to while it keeps answering; see gateway.routing).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from modelgw.registry.store import RegistryStore
 from modelgw.runtimes.errors import InferenceError, ModelLoadError
 from modelgw.runtimes.repository import ModelRepository, ModelState
 from modelgw.runtimes.server import RuntimeServer
+from modelgw.tasks import OutageLog, guard, stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +101,7 @@ class EndpointRegistration:
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._last_load: tuple = ()
-        self._failing = False  # the last write failed (log once per outage, not every retry)
+        self._outage = OutageLog(log, f"endpoints/{runtime}/{instance}: writing the record")
 
     @property
     def what(self) -> str:
@@ -156,13 +161,13 @@ class EndpointRegistration:
         except RegistryError as exc:
             # etcd is not there yet: the publisher keeps trying
             log.warning("%s: cannot register yet (will retry): %s", self.what, exc)
-            self._failing = True
+            self._outage.failing = True
             self._dirty.set()
         loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(self._follow_assignments(), name="assignments"),
-            loop.create_task(self._follow_repository(), name="model-states"),
-            loop.create_task(self._publish(), name="endpoint-publisher"),
+            guard(loop.create_task(self._follow_assignments(), name="assignments"), f"{self.what}: assignments", log),
+            guard(loop.create_task(self._follow_repository(), name="model-states"), f"{self.what}: model states", log),
+            guard(loop.create_task(self._publish(), name="endpoint-publisher"), f"{self.what}: publisher", log),
         ]
 
     def mark_dirty(self) -> None:
@@ -170,15 +175,17 @@ class EndpointRegistration:
         self._dirty.set()
 
     async def stop(self) -> None:
-        """Stop following and revoke the lease: the record is deleted at once."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        """Stop following, write the record not ready (a replica leaving, not one whose
+        lease etcd expired), then revoke the lease: the record is deleted at once."""
+        await stop_tasks(*self._tasks)
         self._tasks = []
         if self.lease is not None:
             try:
+                if self.lease.alive:
+                    leaving = self.endpoint()
+                    leaving.ready = False
+                    with contextlib.suppress(LeaseNotFoundError):
+                        await self.store.put_endpoint(leaving, self.lease)
                 await self.lease.revoke()
                 log.info("%s: deregistered", self.what)
             except RegistryError as exc:
@@ -205,9 +212,7 @@ class EndpointRegistration:
             try:
                 await self._write()
             except RegistryError as exc:
-                if not self._failing:
-                    log.warning("%s: cannot write the record (will keep trying): %s", self.what, exc)
-                self._failing = True
+                self._outage.failed(exc, "will keep trying")
                 self._dirty.set()
                 await asyncio.sleep(self.load_interval)
                 continue
@@ -216,9 +221,7 @@ class EndpointRegistration:
                 self._dirty.set()
                 await asyncio.sleep(self.load_interval)
                 continue
-            if self._failing:
-                log.info("%s: record written (etcd is reachable again)", self.what)
-                self._failing = False
+            self._outage.recovered("works again (etcd is reachable)")
 
     async def _follow_repository(self) -> None:
         async for _ in self.repository.watch():

@@ -1,7 +1,7 @@
 """The model repository: which models (name + version) this runtime serves, and their state.
 
 Models load and unload at runtime through an async API, so that the CLI loads the models
-it was given and the registry (later) loads what etcd assigns:
+it was given and the endpoint registration (registration.py) loads what etcd assigns:
 
     repo = ModelRepository(kind="onnx")
     await repo.load("resnet", "2", "file:///models/resnet/2")
@@ -55,7 +55,7 @@ class ModelStatus:
 
 @dataclass(frozen=True)
 class ModelLoad:
-    """Load figures of one served model (published with the endpoint later)."""
+    """Load figures of one served model (registration.py publishes them in the endpoint record)."""
 
     name: str
     version: str
@@ -67,8 +67,8 @@ class ModelLoad:
 class ServedModel:
     """A READY model as the server uses it on every request."""
 
-    __slots__ = ("name", "version", "uri", "model", "metadata", "validator", "runner",
-                 "streaming", "can_predict", "async_predict", "output_datatypes", "output_names", "streams", "_seq")
+    __slots__ = ("_seq", "async_predict", "can_predict", "metadata", "model", "name", "output_datatypes",
+                 "output_names", "runner", "streaming", "streams", "uri", "validator", "version")
 
     def __init__(self, model: Model, uri: str, metadata: ModelMetadata, runner: Runner, seq: int) -> None:
         self.name = model.name
@@ -299,7 +299,8 @@ class ModelRepository:
         """Wait for its requests to finish (up to drain_timeout), then free it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.drain_timeout
-        while served.busy and loop.time() < deadline:
+        # polled: a retire is rare, while an event set by every request's end would cost each request
+        while served.busy and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         if served.busy:
             log.warning("model '%s' version '%s': unloading with %d requests unanswered",

@@ -11,8 +11,9 @@ ModelStreamInfer) and grpc.health.v1, over a ModelRepository.
 
 Status codes: unknown model/version -> NOT_FOUND; model loading/failed/unloading ->
 UNAVAILABLE; a request that does not fit the model's metadata -> INVALID_ARGUMENT naming
-the tensor; a model that raises -> INTERNAL with its message. Outputs travel as
-raw_output_contents, like Triton.
+the tensor; a model that raises -> INTERNAL with its message. Handlers raise the SDK's
+errors (runtimes/errors.py, each with its `code`); the server's ErrorInterceptor answers,
+messages bounded to fit gRPC's trailers. Outputs travel as raw_output_contents, like Triton.
 
 Streaming (Triton semantics): each request on a ModelStreamInfer stream is answered
 independently (several may run at once). A streaming model's generate() responses are
@@ -21,7 +22,9 @@ the stream learns that a request is done from a response flagged true: the clien
 for `triton_enable_empty_final_response` -> an empty flagged response follows the last
 one (each response leaves as soon as it exists); otherwise the last response itself is
 flagged (so it is held back until the generator ends). A non-streaming model answers
-with one flagged response. Errors go into error_message; the stream stays open.
+with one flagged response. A request that fails gets one response whose error_message is
+"<gRPC status name>: <message>" (e.g. "INVALID_ARGUMENT: ...", the unary status's text after
+the name) and whose infer_response names the request (model_name, id); the stream stays open.
 
 Health: service "" and "inference.GRPCInferenceService" are SERVING while the server is
 ready; each model name is a service of its own, SERVING while a version of it is READY.
@@ -40,19 +43,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 import modelgw
+from modelgw.errors import ErrorInterceptor, internal_message, stream_message
+from modelgw.keepalive import KEEPALIVE, Keepalive
+from modelgw.oip.codec import TensorError, add_output, decode_request_inputs, parameters_dict, set_parameter
+from modelgw.oip.protocol import ENABLE_EMPTY_FINAL_RESPONSE, FINAL_RESPONSE, MAX_MESSAGE_BYTES
 from modelgw.protos import inference_pb2 as pb
 from modelgw.protos import inference_pb2_grpc as pb_grpc
-from modelgw.oip.codec import TensorError, add_output, decode_request_inputs, parameters_dict, set_parameter
 from modelgw.runtimes.errors import InferenceError, InvalidInput
 from modelgw.runtimes.model import REQUEST_METADATA, Tensors
 from modelgw.runtimes.repository import ModelRepository, ModelState, ServedModel
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVICE_NAME = "inference.GRPCInferenceService"
-FINAL = "triton_final_response"
-EMPTY_FINAL = "triton_enable_empty_final_response"
 
 _NO_PARAMETERS: Mapping[str, Any] = MappingProxyType({})
 _DONE = object()
@@ -110,7 +113,7 @@ def _stream_response(served: ServedModel, request: pb.ModelInferRequest, outputs
     response.id = request.id
     if outputs is not None:
         _fill(response, served, outputs, names)
-    response.parameters[FINAL].bool_param = final
+    response.parameters[FINAL_RESPONSE].bool_param = final
     return message
 
 
@@ -149,10 +152,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        try:
-            served = self.repository.get(request.name, request.version)
-        except InferenceError as exc:
-            await context.abort(exc.code, str(exc))
+        served = self.repository.get(request.name, request.version)
         metadata = served.metadata
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
@@ -167,26 +167,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         REQUEST_METADATA.set(context.invocation_metadata() or ())  # for request_metadata() in predict
-        try:
-            served = self.repository.get(request.model_name, request.model_version)
-            if not served.can_predict:
-                raise InvalidInput(
-                    f"model '{served.name}' streams its responses; call ModelStreamInfer"
-                )
-            inputs, parameters, names, rows = _prepare(served, request)
-            outputs = await self._predict(served, inputs, parameters, rows)
-            response = pb.ModelInferResponse(
-                model_name=served.name, model_version=served.version, id=request.id
-            )
-            _fill(response, served, outputs, names)
-            return response
-        except InferenceError as exc:
-            await context.abort(exc.code, str(exc))
-        except TensorError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except Exception as exc:  # a bug of ours: answer clearly, keep serving
-            log.exception("ModelInfer for model '%s' failed", request.model_name)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        served = self.repository.get(request.model_name, request.model_version)
+        if not served.can_predict:
+            raise InvalidInput(f"model '{served.name}' streams its responses; call ModelStreamInfer")
+        inputs, parameters, names, rows = _prepare(served, request)
+        outputs = await self._predict(served, inputs, parameters, rows)
+        response = pb.ModelInferResponse(model_name=served.name, model_version=served.version, id=request.id)
+        _fill(response, served, outputs, names)
+        return response
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
@@ -232,7 +220,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 outputs = await self._predict(served, inputs, parameters, rows)
                 emit(_stream_response(served, request, outputs, names, final=True))
                 return
-            empty_final = request.parameters[EMPTY_FINAL].bool_param if EMPTY_FINAL in request.parameters else False
+            empty_final = (request.parameters[ENABLE_EMPTY_FINAL_RESPONSE].bool_param
+                           if ENABLE_EMPTY_FINAL_RESPONSE in request.parameters else False)
             served.streams += 1
             try:
                 held: Tensors | None = None
@@ -250,13 +239,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 served.streams -= 1
         except (InferenceError, TensorError) as exc:
-            code = exc.code if isinstance(exc, InferenceError) else grpc.StatusCode.INVALID_ARGUMENT
-            emit(_stream_error(request, f"{code.name}: {exc}"))
+            emit(_stream_error(request, stream_message(exc.code, str(exc))))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("stream request for model '%s' failed", request.model_name)
-            emit(_stream_error(request, f"INTERNAL: internal error: {type(exc).__name__}: {exc}"))
+            emit(_stream_error(request, stream_message(grpc.StatusCode.INTERNAL, internal_message(exc))))
 
     async def _predict(self, served: ServedModel, inputs: Tensors, parameters: Mapping[str, Any], rows: int) -> Tensors:
         """One request's outputs from predict: through the model's runner (thread pool,
@@ -316,13 +304,15 @@ class RuntimeServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
         name: str = "modelgw",
+        keepalive: Keepalive = KEEPALIVE,
     ) -> None:
         self.repository = repository
         self.host = host
         self.port = port
         self.max_message_bytes = max_message_bytes
+        self.keepalive = keepalive
         self.servicer = InferenceServicer(repository, name)
         self.health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -340,10 +330,14 @@ class RuntimeServer:
     async def start(self) -> int:
         """Listen (live, not yet ready); return the bound port. OSError if it cannot bind."""
         server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],  # what a handler raises -> its status (modelgw/errors.py)
             options=[
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", self.max_message_bytes),
                 ("grpc.so_reuseport", 0),  # a taken port must fail, not be shared silently
+                # the gateway's channels ping while idle; refused, they would be closed
+                # (GOAWAY too_many_pings) after a few intervals without traffic
+                *self.keepalive.server_options(),
             ]
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)

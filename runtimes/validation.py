@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+from modelgw.oip.codec import check_dims
 from modelgw.runtimes.errors import InvalidInput
 from modelgw.runtimes.model import ModelMetadata, TensorSpec
 
@@ -32,7 +33,7 @@ class RequestValidator:
     A model that declares no inputs (or no outputs) accepts any (free-form python models).
     """
 
-    __slots__ = ("_model", "_inputs", "_input_names", "_required", "_outputs", "_max_batch_size")
+    __slots__ = ("_input_names", "_inputs", "_max_batch_size", "_model", "_outputs", "_required")
 
     def __init__(self, model_name: str, metadata: ModelMetadata) -> None:
         self._model = model_name
@@ -43,8 +44,9 @@ class RequestValidator:
         self._max_batch_size = metadata.max_batch_size
 
     def check_inputs(self, tensors: Sequence[TensorDescriptor]) -> int:
-        """Raise InvalidInput naming the first bad tensor; return the request's batch size
-        (dim 0 for batching models, 1 otherwise)."""
+        """Raise InvalidInput naming the first bad tensor (the codec's TensorError for a shape
+        with too many dims); return the request's batch size (dim 0 for batching models, 1
+        otherwise)."""
         specs = self._inputs
         if not specs:
             return 1
@@ -62,9 +64,10 @@ class RequestValidator:
                     f"{tensor.datatype or '(none)'}, expected {spec.datatype}"
                 )
             shape = tensor.shape
+            check_dims(tensor.name, shape)  # a TensorError, before the message below quotes the shape
             expected = spec.shape
             if len(shape) != len(expected) or any(
-                e != -1 and e != d for e, d in zip(expected, shape)
+                e != -1 and e != d for e, d in zip(expected, shape, strict=True)  # lengths equal here
             ):
                 raise InvalidInput(
                     f"input '{tensor.name}' of model '{self._model}' has shape "

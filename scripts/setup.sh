@@ -18,8 +18,38 @@ fi
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --upgrade pip setuptools wheel
-# torch first and pinned: a CPU wheel of this version is what our machines carry; an
-# unpinned torch would pull a multi-GB CUDA build.
-.venv/bin/pip install -q "torch==2.13.0"
+
+# torch first and pinned, so that the extras below find it installed. On PyPI a Linux
+# torch is the CUDA build, which pulls several GB of NVIDIA libraries: without an NVIDIA
+# GPU, take the CPU-only build from PyTorch's own index. Where that index is unreachable
+# (a machine that reaches only PyPI), ask pip as configured: a local CPU wheel, where the
+# machine carries one, wins over PyPI's build (its `+cpu` version sorts higher).
+TORCH_VERSION=2.13.0
+TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+torch_installed() {
+  .venv/bin/python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null
+}
+has_nvidia_gpu() {
+  [ -e /proc/driver/nvidia/version ] || { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }
+}
+index_reachable() {  # 5 s, no retries: an unreachable index must cost little
+  .venv/bin/python -c "import urllib.request as u; u.urlopen('$1/torch/', timeout=5)" 2>/dev/null
+}
+if torch_installed; then
+  how="already installed"
+elif has_nvidia_gpu; then
+  .venv/bin/pip install -q "torch==$TORCH_VERSION"
+  how="an NVIDIA GPU is present: the CUDA build from PyPI"
+elif index_reachable "$TORCH_CPU_INDEX"; then
+  .venv/bin/pip install -q --timeout 15 --retries 1 --index-url "$TORCH_CPU_INDEX" "torch==$TORCH_VERSION"
+  how="no NVIDIA GPU: the CPU-only build from $TORCH_CPU_INDEX"
+else
+  .venv/bin/pip install -q "torch==$TORCH_VERSION"
+  how="no NVIDIA GPU, $TORCH_CPU_INDEX unreachable: from pip's configured indexes"
+fi
+build=$(.venv/bin/python -c "import torch; print(torch.__version__, '(CUDA ' + torch.version.cuda + ' build)' if torch.version.cuda else '(CPU build)')")
+echo "torch: $build; $how"
+
 .venv/bin/pip install -q -e ".[all]"
 echo "modelgw is set up: run the tests with  .venv/bin/python -m pytest"
+echo "and modelgw itself as  .venv/bin/modelgw  (or after  source .venv/bin/activate  as  modelgw)"

@@ -24,16 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from conftest import spawn
+from gateway_helpers import Fleet, GatewayProcess, wait_until
 from joserfc import jwk as jose_jwk
 from joserfc import jwt as jose_jwt
 
-from gateway_helpers import Fleet, GatewayProcess, wait_until
-
-from conftest import spawn
 from modelgw.net import free_port
 
 AUDIENCE = "modelgw-test"
 ADMIN_SCOPE = "modelgw:admin"
+JSON_NULL = object()  # as a claim's value: the claim is there, as JSON null (None leaves it out)
 
 
 
@@ -114,12 +114,24 @@ class Issuer:
         now = int(time.time())
         claims = {"iss": self.url, "aud": self.audience, "sub": "alice", "iat": now, "exp": now + 300}
         claims.update(overrides)
-        return {k: v for k, v in claims.items() if v is not None}  # None: leave the claim out
+        return {k: None if v is JSON_NULL else v for k, v in claims.items() if v is not None}  # None: leave it out
 
     def token(self, key: Key, header: dict[str, Any] | None = None, **claims: Any) -> str:
         protected = {"alg": key.alg, "kid": key.kid, **(header or {})}
         protected = {k: v for k, v in protected.items() if v is not None}
         return jose_jwt.encode(protected, self.claims(**claims), key.jose, algorithms=[protected["alg"]])
+
+    def sized_token(self, key: Key, length: int, **claims: Any) -> str:
+        """A valid token exactly `length` characters long: a `padding` claim fills it, and a
+        `cty` header of 0-7 characters reaches the lengths base64url skips."""
+        for extra in range(8):
+            header = {"cty": "f" * extra} if extra else None
+            estimate = (length - len(self.token(key, header=header, padding="", **claims))) * 3 // 4
+            for size in range(max(0, estimate - 4), max(0, estimate + 4)):
+                token = self.token(key, header=header, padding="p" * size, **claims)
+                if len(token) == length:
+                    return token
+        raise ValueError(f"no token of {length} characters")
 
     # -- serving ------------------------------------------------------------------------
 
@@ -155,7 +167,7 @@ class Issuer:
             try:
                 loop.run_until_complete(runner.setup())
                 loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-            except BaseException as err:  # noqa: BLE001 - reported to start()
+            except BaseException as err:
                 failure.append(err)
                 started.set()
                 return

@@ -47,7 +47,7 @@ def modelgw_command(*args: str) -> list[str]:
 
 def spawn(*args: str, env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
     """Start a modelgw subcommand as a real process, output to `log` (or inherited)."""
-    out = open(log, "ab") if log else None
+    out = open(log, "ab") if log else None  # noqa: SIM115 (handed to the child process)
     return subprocess.Popen(
         modelgw_command(*args),
         stdout=out,

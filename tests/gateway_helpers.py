@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import tritonclient.grpc as triton
+from conftest import spawn
 from tritonclient.utils import InferenceServerException
 
-from conftest import spawn
 from modelgw.net import free_port
 from modelgw.protos import registry_pb2 as rpb
 from modelgw.registry.store import RegistryStore

@@ -69,7 +69,7 @@ def transformers_greedy(directory: Path, prompt_ids: list[list[int]], max_tokens
 
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     references = []
-    for ids, n in zip(prompt_ids, max_tokens):
+    for ids, n in zip(prompt_ids, max_tokens, strict=True):
         inputs = torch.tensor([ids])
         with torch.no_grad():
             out = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=n, do_sample=False,

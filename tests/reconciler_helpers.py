@@ -83,7 +83,7 @@ class Processes:
 
     def reconciler(self, name: str, etcd: str, prefix: str, *, lease_ttl: int = 3, resync: float = 1.0) -> Process:
         return self.start(
-            name, "reconcile", "--backend", "local", "--etcd", etcd, "--prefix", prefix,
+            name, "reconcile", "--etcd", etcd, "--prefix", prefix,
             "--identity", name, "--lease-ttl", str(lease_ttl), "--resync-seconds", str(resync),
             "--data-dir", str(self.directory / name),
         )  # fmt: skip

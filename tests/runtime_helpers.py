@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from conftest import spawn
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from conftest import spawn
 from modelgw.net import free_port
 
 BAD_REQUESTS = ("wrong_datatype", "wrong_shape", "missing_input", "wrong_element_count")

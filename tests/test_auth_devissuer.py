@@ -12,10 +12,10 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+from conftest import REPO, modelgw_command
 from joserfc import jwk as jose_jwk
 from joserfc import jwt as jose_jwt
 
-from conftest import REPO, modelgw_command
 from modelgw.gateway.auth.config import AuthConfig, IssuerConfig
 from modelgw.gateway.auth.devissuer import DevIssuer
 from modelgw.gateway.auth.guard import Authenticator

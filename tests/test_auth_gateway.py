@@ -32,11 +32,11 @@ from auth_helpers import (
     with_flipped_signature,
     with_payload,
 )
+from conftest import REPO, modelgw_command
 from gateway_helpers import Fleet, GatewayProcess, http_request, metric_value, model_spec, runtime_spec, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import REPO, modelgw_command
 from modelgw.protos import registry_pb2 as rpb
 
 pytestmark = pytest.mark.filterwarnings("ignore:EdDSA is deprecated")
@@ -89,9 +89,9 @@ def setup(etcd_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Set
         fleet.apply(*specs)
         fleet.replica("py", "python")
         # the issuer from a config file (flags are used in test_auth_modes.py); a short
-        # refetch interval keeps the unknown-kid cases of the corpus quick. The token limit
-        # is below gRPC's own 8 KiB metadata limit, which would answer first otherwise
-        # (RESOURCE_EXHAUSTED, before any handler runs)
+        # refetch interval keeps the unknown-kid cases of the corpus quick; a token limit
+        # other than the default, which the HTTP and gRPC header limits follow
+        # (test_auth_claims_and_sizes.py checks the default one on every path)
         config = root / "auth.yaml"
         config.write_text(
             f"max_token_bytes: {TOKEN_LIMIT}\n"
@@ -167,9 +167,10 @@ def test_a_valid_token_passes_on_grpc_rest_and_admin(setup: Setup) -> None:
     status, body, _ = rest_infer(setup, "open", {"Authorization": headers["authorization"]})
     assert status == 200 and body["outputs"][0]["data"] == [2.0, 4.0, 6.0], body
     assert setup.client.get_model_metadata("open", headers=headers).name == "open"
-    status, raw, _ = http_request("GET", f"{setup.gateway.base}/v2/models/open", headers={"Authorization": headers["authorization"]})
+    authorization = {"Authorization": headers["authorization"]}
+    status, raw, _ = http_request("GET", f"{setup.gateway.base}/v2/models/open", headers=authorization)
     assert status == 200 and json.loads(raw)["name"] == "open"
-    status, raw, _ = http_request("GET", f"{setup.gateway.base}/admin/v1/models", headers={"Authorization": headers["authorization"]})
+    status, raw, _ = http_request("GET", f"{setup.gateway.base}/admin/v1/models", headers=authorization)
     assert status == 200 and "scoped" in {m["spec"]["name"] for m in json.loads(raw)["models"]}
     # the gRPC RegistryService on the same port, through the CLI with --token
     result = registry_cli(setup, "--token", setup.token(scope=ADMIN_SCOPE))
@@ -293,7 +294,9 @@ def test_error_descriptions_say_what_is_wrong(setup: Setup) -> None:
         ("roled", {"roles": ["viewer"]}, {"realm_access": {"roles": ["predictor"]}}),
     ],
 )
-def test_model_policies_refuse_callers_without_the_scope_group_or_role(setup: Setup, model: str, denied: dict, allowed: dict) -> None:
+def test_model_policies_refuse_callers_without_the_scope_group_or_role(
+    setup: Setup, model: str, denied: dict, allowed: dict
+) -> None:
     err = grpc_error(setup, model, setup.bearer(**denied))
     assert err.status() == "StatusCode.PERMISSION_DENIED", err
     assert model in err.message()
@@ -371,7 +374,8 @@ def test_the_verified_subject_reaches_the_runtime_and_a_clients_copy_never_does(
     status, raw, _ = http_request(
         "POST", f"{setup.gateway.base}/v2/models/whoami/infer",
         json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}).encode(),
-        {"Content-Type": "application/json", "X-Modelgw-Subject": "mallory", "Authorization": setup.bearer(sub="bob")["authorization"]},
+        {"Content-Type": "application/json", "X-Modelgw-Subject": "mallory",
+         "Authorization": setup.bearer(sub="bob")["authorization"]},
     )  # fmt: skip
     assert status == 200, raw
     assert json.loads(raw)["outputs"][0]["data"] == ["bob"]

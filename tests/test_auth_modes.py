@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from auth_helpers import ADMIN_SCOPE, AUDIENCE, AuthGateway, Issuer
+from conftest import REPO, modelgw_command
 from gateway_helpers import Fleet, http_request, metric_value, wait_until
 from tritonclient.utils import InferenceServerException
 
-from conftest import REPO, modelgw_command
 from modelgw.gateway.auth.config import ASYMMETRIC_ALGORITHMS, AuthConfig, AuthConfigError, load_auth_config
 from modelgw.registry.client import RegistryClient
 from modelgw.registry.errors import RegistryError

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from auth_helpers import (
+    JSON_NULL,
     Issuer,
     Key,
     hmac_token,
@@ -185,6 +186,87 @@ async def test_attack_corpus_is_refused_with_a_reason(issuer: Issuer) -> None:
             assert attacker.jwks_requests == 0 and attacker.discovery_requests == 0
 
 
+# claims of the wrong type (RFC 7519 4.1): each is refused naming the claim, whatever PyJWT
+# would have made of it ("exp": "..." passes its int(); true is an int to Python)
+NOW = int(time.time())
+WRONG_TYPES = {
+    "exp as a string": ("exp", {"exp": str(NOW + 300)}),
+    "exp true": ("exp", {"exp": True}),
+    "exp false": ("exp", {"exp": False}),
+    "exp NaN": ("exp", {"exp": float("nan")}),
+    "exp Infinity": ("exp", {"exp": float("inf")}),
+    "exp beyond any float": ("exp", {"exp": 10**400}),
+    "exp null": ("exp", {"exp": JSON_NULL}),
+    "exp an array": ("exp", {"exp": [NOW + 300]}),
+    "nbf as a string": ("nbf", {"nbf": str(NOW)}),
+    "nbf true": ("nbf", {"nbf": True}),
+    "nbf null": ("nbf", {"nbf": JSON_NULL}),
+    "iat as a string": ("iat", {"iat": str(NOW)}),
+    "iat true": ("iat", {"iat": True}),
+    "iat -Infinity": ("iat", {"iat": float("-inf")}),
+    "iss an array": ("iss", {"iss": ["{issuer}"]}),
+    "sub a number": ("sub", {"sub": 5}),
+    "sub an array": ("sub", {"sub": ["alice"]}),
+    "aud a number": ("aud", {"aud": 5}),
+    "aud an array with a number": ("aud", {"aud": ["{audience}", 5]}),
+    "aud an object": ("aud", {"aud": {"{audience}": True}}),
+    "scope a number": ("scope", {"scope": 5}),
+    "scope true": ("scope", {"scope": True}),
+    "scope an array with a number": ("scope", {"scope": ["read", 1]}),
+    "scp an object": ("scp", {"scp": {"read": True}}),
+    "groups a number": ("groups", {"groups": 7}),
+    "groups nested arrays": ("groups", {"groups": [["ml-team"]]}),
+    "roles an object": ("roles", {"roles": {"predictor": True}}),
+    "realm_access a string": ("realm_access", {"realm_access": "predictor"}),
+    "realm_access.roles numbers": ("realm_access.roles", {"realm_access": {"roles": [1, 2]}}),
+    "realm_access.roles null": ("realm_access.roles", {"realm_access": {"roles": JSON_NULL}}),
+}
+
+
+@pytest.mark.parametrize("case", WRONG_TYPES)
+async def test_a_claim_of_the_wrong_type_is_refused_naming_the_claim(issuer: Issuer, case: str) -> None:
+    claim, claims = WRONG_TYPES[case]
+    filled = {k: _filled(v, issuer) for k, v in claims.items()}
+    key = issuer.new_key("RS256")
+    async with door(issuer) as auth:
+        await auth.verifier.verify(issuer.token(key))  # the keys are there
+        checks = auth.verifier.signature_checks
+        message = await refused(auth, issuer.token(key, **filled))
+        assert f"'{claim}' claim" in message, message
+        assert auth.verifier.signature_checks == checks  # refused before any signature check
+
+
+def _filled(value, issuer: Issuer):
+    if isinstance(value, str):
+        return value.format(issuer=issuer.url, audience=issuer.audience)
+    if isinstance(value, list):
+        return [_filled(v, issuer) for v in value]
+    if isinstance(value, dict):
+        return {_filled(k, issuer): None if v is JSON_NULL else _filled(v, issuer) for k, v in value.items()}
+    return value
+
+
+async def test_every_well_typed_form_of_the_claims_passes(issuer: Issuer) -> None:
+    key = issuer.new_key("ES256")
+    async with door(issuer) as auth:
+        forms = [
+            ({"exp": NOW + 300.5, "nbf": NOW - 1.25, "iat": NOW}, set(), set(), set()),
+            ({"aud": [issuer.audience, "other"], "scope": "a b", "scp": ["c"]}, {"a", "b", "c"}, set(), set()),
+            ({"scp": "a b", "groups": "one group", "roles": ["r"]}, {"a", "b"}, {"one group"}, {"r"}),
+            ({"groups": [], "realm_access": {"roles": "r"}, "resource_access": 5}, set(), set(), {"r"}),
+        ]
+        for claims, scopes, groups, roles in forms:
+            principal = await auth.verifier.verify(issuer.token(key, **claims))
+            assert (principal.scopes, principal.groups, principal.roles) == (scopes, groups, roles), claims
+
+
+async def test_a_token_at_the_size_limit_passes_and_one_character_more_is_refused(issuer: Issuer) -> None:
+    key = issuer.new_key("RS256")
+    async with door(issuer, auth={"max_token_bytes": 8192}) as auth:
+        assert (await auth.verifier.verify(issuer.sized_token(key, 8192))).subject == "alice"
+        assert "more than the 8192 accepted" in await refused(auth, issuer.sized_token(key, 8193))
+
+
 async def test_algorithms_outside_the_issuers_allow_list_are_refused_before_any_signature_check(issuer: Issuer) -> None:
     rsa, ec = issuer.new_key("RS256"), issuer.new_key("ES256")
     async with door(issuer, algorithms=("RS256",)) as auth:
@@ -329,6 +411,5 @@ async def test_a_cached_token_fails_once_it_expires(issuer: Issuer) -> None:
         exp = int(time.time()) + 2
         token = issuer.token(key, exp=exp)
         await auth.verifier.verify(token)
-        while time.time() <= exp + 0.05:
-            await asyncio.sleep(0.1)
+        await asyncio.sleep(max(0.0, exp + 0.1 - time.time()))
         assert "expired" in await refused(auth, token)

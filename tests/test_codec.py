@@ -14,9 +14,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from modelgw.protos import inference_pb2 as pb
 from modelgw.oip import codec
 from modelgw.oip.codec import TensorError
+from modelgw.oip.protocol import MAX_SHAPE_DIMS
+from modelgw.protos import inference_pb2 as pb
 
 torch = pytest.importorskip("torch")
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
@@ -394,6 +395,22 @@ def test_shapes_numpy_cannot_hold(shape: list[int]) -> None:
     count = int(np.prod(shape, dtype=object))
     with raises_for(NAME, "shape"):
         codec.decode_request_inputs(raw_request("UINT8", shape, b"\x00" * count))
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_shape_with_more_dims_than_allowed_is_refused_briefly(raw: bool) -> None:
+    # 10,000 dims once made an error that echoed the shape outgrow gRPC's metadata limit
+    shape = [1] * 10_000
+    request = raw_request("UINT8", shape, b"\x00") if raw else typed_request("UINT8", shape, uint_contents=[0])
+    with raises_for(NAME, "10000 dimensions", f"at most {MAX_SHAPE_DIMS}") as info:
+        codec.decode_request_inputs(request)
+    assert len(str(info.value)) < 200, str(info.value)
+
+
+def test_shape_with_the_most_dims_allowed_decodes() -> None:
+    shape = [1] * MAX_SHAPE_DIMS
+    array = codec.decode_request_inputs(raw_request("UINT8", shape, b"\x07"))[NAME]
+    assert array.shape == tuple(shape) and array.item() == 7
 
 
 @pytest.mark.parametrize("datatype", ["FLOAT32", "fp32", "", "STRING"])

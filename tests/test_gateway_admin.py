@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from conftest import REPO, modelgw_command
 from gateway_helpers import Fleet, GatewayProcess, RuntimeReplica, http_json, http_request, wait_model_ready, wait_until
 from tritonclient.utils import InferenceServerException
-
-from conftest import REPO, modelgw_command
 
 ECHO = "tests.gateway_models:Echo"
 
@@ -196,3 +195,49 @@ def test_model_applied_through_the_cli_routes_then_not_found_after_delete(setup:
     assert result.returncode == 0, result.stderr
     assert_gone(setup, "via-cli")
     setup.still_the_same_processes()
+
+
+def test_body_revision_means_what_it_means_to_the_cli(setup: Setup, tmp_path: Path) -> None:
+    """A document's `revision` (what `modelgw get -o json` writes) is an expected revision
+    on REST as in the CLI: stale is 409 with the current revision, never an overwrite."""
+    server = ["--server", setup.gateway.grpc_url]
+    status, created = http_json("POST", f"{setup.admin}/models", echo_model("doc-rev"))
+    assert status == 201, created
+    first = int(created["revision"])
+    got = subprocess.run(modelgw_command("get", "model", "doc-rev", "-o", "json", *server),
+                         capture_output=True, text=True, cwd=REPO, timeout=60)  # fmt: skip
+    assert got.returncode == 0, got.stderr
+    document = json.loads(got.stdout)
+    assert document["revision"] == first, document
+    # someone else changes the record after that read
+    status, body = http_json("PUT", f"{setup.admin}/models/doc-rev", echo_model("doc-rev", ("1", "2")))
+    assert status == 200, body
+    current = int(body["revision"])
+
+    stale = {**document, "spec": echo_model("doc-rev", ("1", "3"))}
+    for method, url in (("PUT", f"{setup.admin}/models/doc-rev"), ("POST", f"{setup.admin}/models")):
+        status, body = http_json(method, url, stale)
+        assert status == 409, body
+        assert int(body["current_revision"]) == current and f"revision {current}" in body["error"], body
+    # the CLI reads the same document the same way
+    stale_file = tmp_path / "stale.json"
+    stale_file.write_text(json.dumps(stale))
+    applied = subprocess.run(modelgw_command("apply", "-f", str(stale_file), *server),
+                             capture_output=True, text=True, cwd=REPO, timeout=60)  # fmt: skip
+    assert applied.returncode == 1 and f"revision {current}" in applied.stderr, applied
+    status, body = http_json("GET", f"{setup.admin}/models/doc-rev")
+    assert [v["version"] for v in body["spec"]["versions"]] == ["1", "2"], body
+
+    # body and If-Match that disagree: which one was meant is unknowable
+    fresh = {**stale, "revision": current}
+    status, body = http_json("PUT", f"{setup.admin}/models/doc-rev", fresh, headers={"If-Match": f'"{first}"'})
+    assert status == 400 and "If-Match" in body["error"] and "revision" in body["error"], body
+    # agreeing: applied; a GET body (a ModelRecord, int64 revision as a string) is a document too
+    status, body = http_json("PUT", f"{setup.admin}/models/doc-rev", fresh, headers={"If-Match": f'"{current}"'})
+    assert status == 200 and [v["version"] for v in body["spec"]["versions"]] == ["1", "3"], body
+    status, record = http_json("GET", f"{setup.admin}/models/doc-rev")
+    assert isinstance(record["revision"], str), record
+    status, body = http_json("PUT", f"{setup.admin}/models/doc-rev", {**record, "revision": str(current)})
+    assert status == 409 and int(body["current_revision"]) == int(record["revision"]), body
+    status, body = http_json("PUT", f"{setup.admin}/models/doc-rev", record)
+    assert status == 200 and body["revision"] == record["revision"], body  # unchanged

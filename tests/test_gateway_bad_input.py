@@ -144,7 +144,7 @@ N = np.array([5, 6], dtype=np.int64)
 
 def test_binary_extension_works(gateway: GatewayProcess) -> None:
     body, length = binary_body(X, N)
-    status, raw, headers = http_request(
+    status, raw, _ = http_request(
         "POST", f"{gateway.base}/v2/models/{MODEL}/infer", body, {"Inference-Header-Content-Length": str(length)}
     )
     assert status == 200, raw[:300]

@@ -65,7 +65,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(fleet: Fleet, tmp_path
         try:
             x = triton.InferInput("x", [2], "FP32")
             x.set_data_from_numpy(np.array([1.0, 2.0], dtype=np.float32))
-            params = {"marker": str(tmp_path / "grpc.started"), "seconds": SLEEP_SECONDS}  # int: tritonclient has no float parameters
+            params = {"marker": str(tmp_path / "grpc.started"), "seconds": SLEEP_SECONDS}  # int: tritonclient: no floats
             results["grpc"] = client.infer("slow", [x], parameters=params, request_id="g").as_numpy("y").tolist()
         except Exception as exc:  # reported by the assertions below
             results["grpc"] = exc

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from modelgw.gateway.rest_frontend import _timeout
+from modelgw.gateway.forwarding import http_timeout
 
 
 @pytest.mark.parametrize(
@@ -26,5 +26,5 @@ from modelgw.gateway.rest_frontend import _timeout
     ],
 )
 def test_client_deadline_from_headers(headers: dict[str, str], seconds: float | None) -> None:
-    got = _timeout(make_mocked_request("POST", "/v2/models/m/infer", headers=headers))
+    got = http_timeout(make_mocked_request("POST", "/v2/models/m/infer", headers=headers))
     assert got == (pytest.approx(seconds) if seconds is not None else None)

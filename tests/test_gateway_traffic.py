@@ -79,7 +79,7 @@ async def test_sticky_sessions_always_land_on_one_version(gateway: GatewayProces
         *(versions_served(gateway.grpc_url, 8, concurrency=2, session=s) for s in sessions)
     )
     chosen = {}
-    for session, served in zip(sessions, per_session):
+    for session, served in zip(sessions, per_session, strict=True):
         assert sum(served.values()) == 8
         assert len(served) == 1, (session, served)
         chosen[session] = next(iter(served))

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelgw.gateway.wire import WireError, routing_fields
-from modelgw.protos import inference_pb2 as pb
 from modelgw.oip import codec
+from modelgw.protos import inference_pb2 as pb
 
 names = st.text(min_size=0, max_size=40)
 

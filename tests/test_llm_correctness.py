@@ -8,8 +8,6 @@ Tolerance: float32 on CPU, |ours - transformers| <= 1e-4 on logits and log-proba
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from llm_helpers import (
@@ -63,7 +61,7 @@ def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 def _requests(prompt_ids: list[list[int]]) -> list[GenerationRequest]:
     return [GenerationRequest(f"p{i}", tuple(ids), greedy(n, logprobs=TOP))
-            for i, (ids, n) in enumerate(zip(prompt_ids, MAX_TOKENS))]
+            for i, (ids, n) in enumerate(zip(prompt_ids, MAX_TOKENS, strict=True))]
 
 
 def _check_against_reference(results, references) -> None:
@@ -160,3 +158,18 @@ def test_greedy_on_gpu_matches_transformers(case) -> None:
     results = run(engine, _requests(prompt_ids))
     for i, reference in enumerate(references):
         assert results[f"p{i}"].tokens == reference.tokens, i
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_seeded_sampling_on_gpu_is_reproducible(case) -> None:
+    """The runner makes each request's generator on the model's device (a CPU generator
+    cannot draw into CUDA tensors): the same seed gives the same tokens, alone or batched."""
+    from modelgw.runtimes.llm.sampling import SamplingParams
+
+    directory, prompt_ids, _ = case
+    engine = make_engine(directory, device="cuda", dtype="float32", max_num_seqs=8, max_num_batched_tokens=24)
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=11, ignore_eos=True)
+    alone = run(engine, [GenerationRequest("s", tuple(prompt_ids[0]), params)])["s"]
+    batched = run(engine, [*_requests(prompt_ids), GenerationRequest("s", tuple(prompt_ids[0]), params)])["s"]
+    assert len(alone.tokens) == 16 and batched.tokens == alone.tokens

@@ -5,11 +5,12 @@ budget and admission, continuous batching and its fairness, cancellation, sampli
 from __future__ import annotations
 
 import asyncio
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
-from llm_helpers import Result, drive, greedy, make_engine, run
+from llm_helpers import Result, greedy, make_engine, run
 
 from modelgw.runtimes.llm.async_engine import AsyncEngine
 from modelgw.runtimes.llm.checkpoint import Checkpoint
@@ -17,7 +18,7 @@ from modelgw.runtimes.llm.detokenizer import TextStream
 from modelgw.runtimes.llm.engine import GenerationRequest
 from modelgw.runtimes.llm.kv_cache import BlockPool
 from modelgw.runtimes.llm.make_checkpoint import make_checkpoint
-from modelgw.runtimes.llm.sampling import SamplingParams
+from modelgw.runtimes.llm.sampling import SampleResult, SamplingParams
 from modelgw.runtimes.llm.scheduler import QueueFull, Scheduler, SchedulerConfig
 from modelgw.runtimes.llm.sequence import Sequence
 
@@ -89,14 +90,9 @@ def _sequence(request_id: str, prompt_len: int, max_tokens: int) -> Sequence:
 
 
 def _simulate(scheduler: Scheduler, step) -> None:
-    """What the engine does after a step: tokens computed, one sampled per finishing row."""
-    sampling = step.sampling
-    for seq, n in step.work:
-        seq.num_computed += n
-    for seq in sampling:
-        seq.output_ids.append(7)
-        if len(seq.output_ids) >= seq.params.max_tokens:
-            scheduler.finish(seq, "length")
+    """A runner's result for a step (token 7 for every sampled row), applied by the scheduler."""
+    sampled = step.sampling_ids
+    scheduler.update_from_output(step, SampleResult([7] * len(sampled), [None] * len(sampled)))
 
 
 def test_scheduler_budget_decodes_first_chunked_prefill_and_fifo() -> None:
@@ -107,12 +103,12 @@ def test_scheduler_budget_decodes_first_chunked_prefill_and_fifo() -> None:
     for seq in (a, b, big, small):
         scheduler.add(seq)
     first = scheduler.schedule()
-    assert [(s.request_id, n) for s, n in first.work] == [("a", 2), ("b", 4)]
-    assert [s.request_id for s in first.sampling] == ["a"]  # b's prompt is not done yet
+    assert [(r.request_id, r.num_tokens) for r in first.rows] == [("a", 2), ("b", 4)]
+    assert first.sampling_ids == ["a"]  # b's prompt is not done yet
     _simulate(scheduler, first)
     second = scheduler.schedule()
     # the decoder first (one token), then the rest of b's prompt in the remaining budget
-    assert [(s.request_id, n) for s, n in second.work] == [("a", 1), ("b", 5)]
+    assert [(r.request_id, r.num_tokens) for r in second.rows] == [("a", 1), ("b", 5)]
     assert second.num_single == 1
     _simulate(scheduler, second)
     # big needs 5 blocks, 5 are free once... a (2 blocks) and b (4 blocks) hold 6 of 8: big waits,
@@ -120,7 +116,7 @@ def test_scheduler_budget_decodes_first_chunked_prefill_and_fifo() -> None:
     for _ in range(10):
         step = scheduler.schedule()
         assert step.num_tokens <= 6
-        ids = [s.request_id for s, _ in step.work]
+        ids = [r.request_id for r in step.rows]
         if "small" in ids:
             assert "big" in [s.request_id for s in scheduler.running], "small overtook big"
         _simulate(scheduler, step)
@@ -155,6 +151,42 @@ def test_new_requests_join_a_running_batch_and_finished_ones_leave(checkpoint: P
     assert 2 in running, "the new request never ran beside the first"
     assert finished_short_at is not None
     assert running[finished_short_at] == 1, "a finished sequence stayed in the batch"
+
+
+def test_the_runner_gets_plain_data_and_owns_no_request_state(checkpoint: Path, tokenizer) -> None:
+    """Each step crosses to the runner, and its result back, through a pickle round trip (as
+    to a runner in another process): the outputs stay the same, so the runner changes no
+    scheduler state and the scheduler applies every result (tokens, stops, finishing)."""
+    requests = [
+        ("greedy", "Hello world", greedy(20, ignore_eos=True, logprobs=2)),
+        ("seeded", "The quick brown fox", SamplingParams(max_tokens=18, temperature=1.0, seed=5, ignore_eos=True)),
+        ("long", "Continuous batching lets new requests join the batch " * 3, greedy(6, ignore_eos=True)),
+    ]
+    reference = run(make_engine(checkpoint, max_num_seqs=4, max_num_batched_tokens=24),
+                    [request(tokenizer, *r) for r in requests])
+    base = reference["greedy"]
+    stop = base.text[5:8]
+    requests.append(("stopped", "Hello world", greedy(20, ignore_eos=True, stop=(stop,))))
+    reference["stopped"] = run(make_engine(checkpoint), [request(tokenizer, *requests[-1])])["stopped"]
+
+    engine = make_engine(checkpoint, max_num_seqs=4, max_num_batched_tokens=24)
+    execute = engine.runner.execute
+
+    def remote_execute(step):
+        return pickle.loads(pickle.dumps(execute(pickle.loads(pickle.dumps(step)))))
+
+    engine.runner.execute = remote_execute  # type: ignore[method-assign]
+    remote = run(engine, [request(tokenizer, *r) for r in requests], max_steps=500)
+    for name, _, _ in requests:
+        assert remote[name].tokens == reference[name].tokens, name
+        assert remote[name].text == reference[name].text, name
+        assert remote[name].finish_reason == reference[name].finish_reason, name
+    assert remote["greedy"].logprobs == reference["greedy"].logprobs
+    assert remote["stopped"].finish_reason == "stop" and stop not in remote["stopped"].text
+    assert engine.figures().kv_cache_usage == 0.0
+    # the runner hears which requests left with the next step, and forgets them
+    run(engine, [request(tokenizer, "next", "Hello", greedy(2, ignore_eos=True))])
+    assert not set(engine.runner._requests) & {name for name, _, _ in requests}, "the runner kept their state"
 
 
 def test_abort_frees_the_cache_at_once(checkpoint: Path, tokenizer) -> None:
@@ -205,8 +237,8 @@ def test_top_k_and_top_p_cut_the_distribution(checkpoint: Path, tokenizer) -> No
     params = SamplingParams(max_tokens=40, temperature=5.0, top_k=3, seed=7, logprobs=3, ignore_eos=True)
     result = run(engine, [request(tokenizer, "k", "Hello world", params)])["k"]
     assert len(result.top) == 40
-    assert all(token in [t for t, _ in top] for token, top in zip(result.tokens, result.top))
-    assert any(token != top[0][0] for token, top in zip(result.tokens, result.top)), "top_k=3 never sampled"
+    assert all(token in [t for t, _ in top] for token, top in zip(result.tokens, result.top, strict=True))
+    assert any(token != top[0][0] for token, top in zip(result.tokens, result.top, strict=True)), "top_k=3 never sampled"
 
 
 @pytest.mark.parametrize("bad, message", [

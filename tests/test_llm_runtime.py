@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from conftest import modelgw_command
 from runtime_helpers import Runtime, expect_error
 
-from conftest import modelgw_command
 from modelgw.protos import registry_pb2 as rpb
 from modelgw.registry.store import RegistryStore
 
@@ -177,7 +177,34 @@ def test_chat_messages_and_the_sampling_parameters_input(runtime: Runtime, hf_to
                                            "finish_reason": "length"}
 
 
+def test_a_developer_message_is_rendered_as_the_system_message(runtime: Runtime) -> None:
+    """OpenAI's developer role is the system role of newer models; chat templates know system."""
+    answers = []
+    for role in ("developer", "system"):
+        messages = [{"role": role, "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+        result = runtime.client.infer("tiny", [text_input(json.dumps(messages), "messages")],
+                                      parameters={"max_tokens": 6, "temperature": 0, "ignore_eos": True})
+        answers.append((text_of(result), response_parameters(result)["prompt_tokens"]))
+    assert answers[0] == answers[1]
+
+
 # -- bad requests ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "hacker", "content": "Hi"}],
+     "messages[0].role must be one of system, developer, user, assistant, got 'hacker'"),
+    ([{"role": "user", "content": "Hi"}, {"role": "tool", "content": "4", "tool_call_id": "c1"}],
+     "messages[1].role 'tool' is not supported"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+     "messages[0].content[0]: only text parts"),
+    ([{"role": 3, "content": "Hi"}], "messages[0] must be an object with a string 'role'"),
+])
+def test_chat_messages_the_runtime_cannot_render_are_invalid_argument(runtime: Runtime, messages: list,
+                                                                       message: str) -> None:
+    chat = [text_input(json.dumps(messages), "messages")]
+    error = expect_error(lambda: runtime.client.infer("tiny", chat), "INVALID_ARGUMENT")
+    assert message in error, error
 
 
 @pytest.mark.parametrize("parameters, message", [
@@ -272,7 +299,7 @@ def wait_for_load(etcd_endpoint: str, prefix: str, condition, timeout: float = 3
 
 
 def test_cancelled_stream_frees_its_cache(runtime: Runtime, etcd_server, prefix: str) -> None:
-    wait_for_load(etcd_server.endpoint, prefix, lambda l: l.kv_cache_usage == 0 and l.running == 0)
+    wait_for_load(etcd_server.endpoint, prefix, lambda load: load.kv_cache_usage == 0 and load.running == 0)
     responses: queue.Queue = queue.Queue()
     client = triton.InferenceServerClient(runtime.url)
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
@@ -285,7 +312,7 @@ def test_cancelled_stream_frees_its_cache(runtime: Runtime, etcd_server, prefix:
             result, error = responses.get(timeout=30)
             assert error is None, error
             assert not result.get_response().parameters["triton_final_response"].bool_param
-        busy = wait_for_load(etcd_server.endpoint, prefix, lambda l: l.running == 1)
+        busy = wait_for_load(etcd_server.endpoint, prefix, lambda load: load.running == 1)
         assert busy.kv_cache_usage > 0 and busy.in_flight == 1
         client.stop_stream(cancel_requests=True)
         cancelled = True
@@ -293,14 +320,14 @@ def test_cancelled_stream_frees_its_cache(runtime: Runtime, etcd_server, prefix:
         if not cancelled:
             client.stop_stream(cancel_requests=True)
         client.close()
-    idle = wait_for_load(etcd_server.endpoint, prefix, lambda l: l.running == 0 and l.kv_cache_usage == 0)
+    idle = wait_for_load(etcd_server.endpoint, prefix, lambda load: load.running == 0 and load.kv_cache_usage == 0)
     assert idle.queue_depth == 0 and idle.in_flight == 0
     # the runtime serves on, and the cancelled request did not finish in the background
     assert response_parameters(infer(runtime, max_tokens=2))["completion_tokens"] == 2
 
 
 def test_cancelled_infer_frees_its_cache(runtime: Runtime, etcd_server, prefix: str) -> None:
-    wait_for_load(etcd_server.endpoint, prefix, lambda l: l.kv_cache_usage == 0)
+    wait_for_load(etcd_server.endpoint, prefix, lambda load: load.kv_cache_usage == 0)
     client = triton.InferenceServerClient(runtime.url)
     try:
         expect_error(lambda: client.infer("tiny", [text_input("Hello world")], client_timeout=1.0,
@@ -308,7 +335,7 @@ def test_cancelled_infer_frees_its_cache(runtime: Runtime, etcd_server, prefix: 
                      "DEADLINE_EXCEEDED")
     finally:
         client.close()
-    wait_for_load(etcd_server.endpoint, prefix, lambda l: l.running == 0 and l.kv_cache_usage == 0 and l.in_flight == 0)
+    wait_for_load(etcd_server.endpoint, prefix, lambda load: load.running == 0 and load.kv_cache_usage == 0 and load.in_flight == 0)
 
 
 def test_make_checkpoint_refuses_bad_sizes(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ import json
 import queue
 import socket
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,11 +20,19 @@ import numpy as np
 import openai
 import pytest
 import tritonclient.grpc as triton
-
 from conftest import modelgw_command
 from gateway_helpers import (
-    Fleet, GatewayProcess, endpoints, http_request, metric_value, model_spec, runtime_spec, wait_model_ready, wait_until,
+    Fleet,
+    GatewayProcess,
+    endpoints,
+    http_request,
+    metric_value,
+    model_spec,
+    runtime_spec,
+    wait_model_ready,
+    wait_until,
 )  # fmt: skip
+
 from modelgw.protos import registry_pb2 as rpb
 
 RUNTIME = "llm"
@@ -241,18 +248,18 @@ def test_tritonclient_streams_through_the_gateway(stack: Stack) -> None:
 
 
 def test_a_client_disconnecting_mid_stream_frees_its_cache(stack: Stack) -> None:
-    stack.wait_load(lambda l: l.running == 0 and l.kv_cache_usage == 0, "the runtime is idle")
+    stack.wait_load(lambda load: load.running == 0 and load.kv_cache_usage == 0, "the runtime is idle")
     before = metric_value(stack.gateway.metrics(), "modelgw_requests_total", protocol="openai", status="CANCELLED")
     stream = stack.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=LONG, temperature=0,
                                                     stream=True, extra_body={"ignore_eos": True})  # fmt: skip
     try:
-        received = [chunk for chunk, _ in zip(stream, range(5))]
+        received = [chunk for chunk, _ in zip(stream, range(5), strict=False)]
         assert len(received) == 5
-        busy = stack.wait_load(lambda l: l.running == 1, "the generation shows in the load figures")
+        busy = stack.wait_load(lambda load: load.running == 1, "the generation shows in the load figures")
         assert busy.kv_cache_usage > 0
     finally:
         stream.close()  # the client goes away mid-generation
-    stack.wait_load(lambda l: l.running == 0 and l.kv_cache_usage == 0, "the abandoned generation's cache freed",
+    stack.wait_load(lambda load: load.running == 0 and load.kv_cache_usage == 0, "the abandoned generation's cache freed",
                     FREED_WITHIN)
     wait_until(
         lambda: metric_value(stack.gateway.metrics(), "modelgw_requests_total", protocol="openai", status="CANCELLED")
@@ -266,15 +273,15 @@ def test_a_client_disconnecting_mid_stream_frees_its_cache(stack: Stack) -> None
 def test_a_client_disconnecting_before_the_answer_frees_its_cache(stack: Stack) -> None:
     """A non-streaming request: nothing is written to the client until the end, so the
     gateway notices the closed connection by watching it."""
-    stack.wait_load(lambda l: l.running == 0 and l.kv_cache_usage == 0, "the runtime is idle")
+    stack.wait_load(lambda load: load.running == 0 and load.kv_cache_usage == 0, "the runtime is idle")
     body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": LONG, "temperature": 0, "ignore_eos": True}).encode()
     with socket.create_connection(("127.0.0.1", stack.gateway.http_port), timeout=30) as sock:
         sock.sendall(
             b"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
         )
-        stack.wait_load(lambda l: l.running == 1 and l.kv_cache_usage > 0, "the generation shows in the load figures")
-    stack.wait_load(lambda l: l.running == 0 and l.kv_cache_usage == 0, "the abandoned generation's cache freed",
+        stack.wait_load(lambda load: load.running == 1 and load.kv_cache_usage > 0, "the generation shows in the load figures")
+    stack.wait_load(lambda load: load.running == 0 and load.kv_cache_usage == 0, "the abandoned generation's cache freed",
                     FREED_WITHIN)
     assert "Traceback" not in stack.gateway.output() and " ERROR " not in stack.gateway.output()
 
@@ -315,6 +322,11 @@ BAD_REQUESTS = {
     "echo": ("/completions", {**COMPLETION, "echo": True}, 400, "echo", None),
     "missing model": ("/chat/completions", {"messages": MESSAGES}, 400, "model", None),
     "missing messages": ("/chat/completions", {"model": MODEL}, 400, "messages", None),
+    "unknown role": ("/chat/completions", {**CHAT, "messages": [{"role": "hacker", "content": "Hi"}]}, 400,
+                     "messages[0].role", "invalid_value"),
+    "tool role": ("/chat/completions", {**CHAT, "messages": [*MESSAGES, {"role": "tool", "content": "4",
+                                                                       "tool_call_id": "c1"}]}, 400,
+                  f"messages[{len(MESSAGES)}].role", "unsupported_value"),
     "batched prompts": ("/completions", {**COMPLETION, "prompt": ["a", "b"]}, 400, "prompt", None),
     "malformed JSON": ("/chat/completions", b'{"model": "tiny", "messages": [', 400, None, None),
     "not an object": ("/completions", b'["tiny"]', 400, None, None),

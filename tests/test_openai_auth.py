@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import openai
 import pytest
 from auth_helpers import AUDIENCE, AuthGateway, Issuer, Key
-
 from gateway_helpers import Fleet, GatewayProcess, http_request, model_spec, runtime_spec, wait_until
+
 from modelgw.protos import registry_pb2 as rpb
 
 pytestmark = pytest.mark.filterwarnings("ignore:EdDSA is deprecated")
@@ -146,3 +146,28 @@ def test_authorized_requests_go_on_to_routing(setup: Setup) -> None:
     assert answer["error"]["code"] == "model_not_found"
     status, answer, _ = call(setup, "POST", "/completions", {"model": "nope", "prompt": "hi"})
     assert_error(status, answer, 401, "authentication_error")
+
+
+def test_listing_models_checks_the_caller_even_when_there_is_no_llm(etcd_server, tmp_path) -> None:
+    """With no LLM model to filter, /v1/models must still refuse a missing or forged token
+    (it answered 200 [] to anyone before)."""
+    issuer = Issuer().start()
+    key = issuer.new_key("RS256")
+    fleet = Fleet(etcd_server.endpoint, f"/modelgw-test/{uuid.uuid4().hex[:12]}/", tmp_path)
+    try:
+        fleet.apply(
+            runtime_spec("vision", "onnx", ["onnx"]),
+            model_spec("classifier", "vision", "onnx", {"1": str(tmp_path / "model.onnx")}),
+        )
+        gateway = AuthGateway.in_fleet(fleet, "--issuer", issuer.url, "--audience", AUDIENCE)
+        setup = Setup(gateway, issuer, key)
+        forged = issuer.token(issuer.new_key("RS256", publish=False))  # signed by a key the issuer never published
+        for token in (None, "not-a-jwt", forged):
+            status, body, headers = call(setup, "GET", "/models", token=token)
+            assert_error(status, body, 401, "authentication_error")
+            assert headers.get("WWW-Authenticate", "").startswith("Bearer"), headers
+        status, body, _ = call(setup, "GET", "/models", token=setup.token())
+        assert status == 200 and body == {"object": "list", "data": []}, body
+    finally:
+        fleet.close()
+        issuer.stop()

@@ -14,8 +14,8 @@ from modelgw.gateway.errors import GatewayError
 from modelgw.gateway.openai.errors import InvalidRequest, describe, stream_error
 from modelgw.gateway.openai.parsing import infer_request, parse_body, parse_chat, parse_completion
 from modelgw.gateway.openai.rendering import CallInfo, ChunkRenderer, completion_body, read_piece
-from modelgw.protos import inference_pb2 as pb
 from modelgw.oip.codec import add_output, decode_request_inputs, parameters_dict, set_parameter
+from modelgw.protos import inference_pb2 as pb
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo"}]
 
@@ -129,6 +129,35 @@ def test_chat_refusals_name_the_parameter(body: dict, param: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
         parse_chat(body)
     assert caught.value.param == param
+
+
+@pytest.mark.parametrize(
+    "messages, param, code, says",
+    [
+        ([{"role": "hacker", "content": "Hi"}], "messages[0].role", "invalid_value",
+         "messages[0].role must be one of system, developer, user, assistant, got 'hacker'"),
+        ([{"role": "user", "content": "Hi"}, {"role": "tool", "content": "42", "tool_call_id": "c1"}],
+         "messages[1].role", "unsupported_value", "messages[1].role 'tool' is not supported"),
+        ([{"role": "function", "name": "f", "content": "42"}], "messages[0].role", "unsupported_value",
+         "messages[0].role 'function' is not supported"),
+        ([{"role": "USER", "content": "Hi"}], "messages[0].role", "invalid_value", "got 'USER'"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+         "messages[0].content[0]", "unsupported_value", "only text parts"),
+    ],
+)  # fmt: skip
+def test_chat_roles_and_parts_the_runtime_cannot_render_are_refused(messages: list, param: str, code: str,
+                                                                    says: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse_chat({"model": "m", "messages": messages})
+    assert (caught.value.param, caught.value.openai_code) == (param, code)
+    assert says in caught.value.message and caught.value.http_status == 400
+
+
+def test_chat_accepts_every_role_the_runtime_renders() -> None:
+    messages = [{"role": role, "content": "x"} for role in ("developer", "system", "user", "assistant")]
+    messages.append({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]})
+    messages.append({"role": "assistant", "content": None, "name": "bot"})
+    assert parse_chat({"model": "m", "messages": messages}).messages == messages
 
 
 def test_chat_accepts_what_clients_routinely_send() -> None:

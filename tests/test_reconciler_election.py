@@ -12,7 +12,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from reconciler_helpers import Process, Processes, endpoints, parent_pid, pid_alive, ready_endpoints, replica_processes, until
+from reconciler_helpers import (
+    Process,
+    Processes,
+    endpoints,
+    key_info,
+    parent_pid,
+    pid_alive,
+    ready_endpoints,
+    replica_processes,
+    until,
+)
 
 from modelgw.protos import registry_pb2 as rpb
 from modelgw.registry.store import RegistryStore
@@ -118,3 +128,48 @@ def _log_has(process: Process, text: str) -> bool:
     return text in process.output()
 
 
+
+
+async def test_a_lapsed_lease_keeps_the_replicas_and_another_leader_takes_them(etcd_server, processes: Processes) -> None:
+    """etcd drops the leader's election lease (as after an outage longer than its TTL):
+    nobody else leads, so the leader keeps its replicas running (the same processes) and
+    leads again under a new lease. Another candidate seen holding the key is what makes
+    it let go of them."""
+    prefix = f"/modelgw-test/{uuid.uuid4().hex[:12]}/"
+    logs = processes.logs
+    async with RegistryStore(etcd_server.endpoint, prefix=prefix) as store:
+        await store.apply_runtime(rpb.RuntimeSpec(name="py", kind="python", model_formats=["python"], replicas=1))
+        await store.apply_model(rpb.ModelSpec(name="scale", versions=[rpb.ModelVersion(
+            version="1", uri="modelgw.runtimes.examples.scale:Scale", format="python", runtime="py")]))  # fmt: skip
+        leader = processes.reconciler("rec-a", etcd_server.endpoint, prefix, lease_ttl=LEASE_TTL, resync=1.0)
+        watch = Watch(prefix)
+
+        async def serving_one() -> dict[str, int]:
+            ready = await ready_endpoints(store, "py", ("scale", "1"))
+            found = watch.replicas()
+            return found if len(ready) == 1 and set(ready) == set(found) else {}
+
+        before = await until(serving_one, "the leader's replica serves", timeout=90, logs=logs)
+        key = store.keys.election("reconciler")
+        lapsed = (await key_info(store, key)).lease
+        await store.etcd.revoke(lapsed)  # its key goes with it, as when etcd expires it
+
+        async def leads_again() -> bool:
+            info = await key_info(store, key)
+            return info is not None and info.value == b"rec-a" and info.lease != lapsed
+
+        await until(leads_again, "rec-a leads again under a new lease", timeout=LEASE_TTL * 10, logs=logs)
+        for _ in range(10):  # several resync periods later: still the same replica process
+            await asyncio.sleep(0.3)
+            assert watch.replicas() == before, logs()
+        assert all(pid_alive(pid) for pid in before.values())
+
+        # another candidate holds the key: now rec-a lets go of its replicas
+        intruder = await store.grant_lease(60, keep_alive=False)
+        await store.etcd.put(key, b"intruder", intruder)
+        await until(lambda: not any(pid_alive(p) for p in before.values()), "rec-a let go of its replicas",
+                    timeout=30, logs=logs)  # fmt: skip
+        await store.etcd.revoke(intruder)  # the intruder goes: rec-a leads and starts a new one
+        after = await until(serving_one, "rec-a's new replica serves", timeout=90, logs=logs)
+        assert not set(after) & set(before)
+        assert await store.leader() == "rec-a" and leader.alive()

@@ -1,6 +1,6 @@
 """The local reconciler end to end, on a real etcd with real processes: runtimes and
-models applied from YAML with `modelgw apply`, replicas started by `modelgw reconcile
---backend local`, models loaded from the registry and served to unmodified tritonclient;
+models applied from YAML with `modelgw apply`, replicas started by `modelgw reconcile`
+(the local backend), models loaded from the registry and served to unmodified tritonclient;
 new versions, deleted models, scaling, a SIGKILLed replica, and the status it writes.
 
 One reconciler serves the whole module (its own key prefix); each test uses runtimes of
@@ -195,7 +195,7 @@ async def test_apply_serve_new_version_scale_and_delete(cluster: Cluster, tmp_pa
             return eps if eps and all(model_states(e) == {("affine", "2"): "READY"} for e in eps.values()) else {}
 
         for endpoint in (await until(only_version_2, "affine:1 unloaded", logs=cluster.logs)).values():
-            expect_error(lambda: infer(endpoint, "affine", x, "1"), "NOT_FOUND")
+            expect_error(lambda endpoint=endpoint: infer(endpoint, "affine", x, "1"), "NOT_FOUND")
             np.testing.assert_allclose(infer(endpoint, "affine", x), expected["2"], rtol=1e-5, atol=1e-5)
 
         # scale 2 -> 1 -> 3: endpoints, processes and status follow
@@ -205,7 +205,7 @@ async def test_apply_serve_new_version_scale_and_delete(cluster: Cluster, tmp_pa
 
         for replicas in (1, 3):
             cluster.apply(files, RUNTIME_YAML.format(name="py", replicas=replicas))
-            ready = await until(lambda: scaled(replicas), f"scaled to {replicas}", timeout=90, logs=cluster.logs)
+            ready = await until(lambda replicas=replicas: scaled(replicas), f"scaled to {replicas}", timeout=90, logs=cluster.logs)
             for endpoint in ready.values():
                 np.testing.assert_allclose(infer(endpoint, "affine", x), expected["2"], rtol=1e-5, atol=1e-5)
         survivors = set(ready) & set(processes)
@@ -219,7 +219,7 @@ async def test_apply_serve_new_version_scale_and_delete(cluster: Cluster, tmp_pa
             return eps if len(eps) == 3 and all(not e.models for e in eps.values()) else {}
 
         for endpoint in (await until(unloaded, "affine unloaded everywhere", logs=cluster.logs)).values():
-            message = expect_error(lambda: infer(endpoint, "affine", x), "NOT_FOUND")
+            message = expect_error(lambda endpoint=endpoint: infer(endpoint, "affine", x), "NOT_FOUND")
             assert "affine" in message
 
         # the runtime deleted: its replicas stop and deregister

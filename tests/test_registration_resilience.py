@@ -95,13 +95,34 @@ async def test_failed_load_is_reported_and_sigterm_deregisters_at_once(etcd_serv
         np.testing.assert_array_equal(infer(endpoint, "broken", X), X * 2)
 
         key = store.keys.endpoint("rr", "rr-0")
-        lease = (await key_info(store, key)).lease
+        info = await key_info(store, key)
+        lease = info.lease
         assert await store.etcd.time_to_live(lease) > 0
         runtime.signal(signal.SIGTERM)
         assert runtime.wait(60) == 0, runtime.output()
         assert await key_info(store, key) is None, "the record outlived the process"
         assert await store.etcd.time_to_live(lease) == -1, "the lease was not revoked"
         assert "deregistered" in runtime.output()
+        # leaving, it wrote itself not ready before the record went: a gateway tells that
+        # from a record etcd expired in an outage (gateway.routing)
+        last = await asyncio.wait_for(_last_write_before_delete(store, key.decode(), info.mod_revision + 1), 30)
+        assert last is not None and not last.ready, last
+
+
+async def _last_write_before_delete(store: RegistryStore, key: str, revision: int) -> rpb.Endpoint | None:
+    """The record `key` was last written with before it was deleted, from the history."""
+    last = None
+    events = store.watch(start_revision=revision)
+    try:
+        async for event in events:
+            if event.key != key:
+                continue
+            if event.type == rpb.WatchEvent.DELETE:
+                return last
+            last = event.endpoint
+    finally:
+        await events.aclose()
+    return last
 
 
 async def test_survives_an_etcd_outage_longer_than_the_lease_ttl(etcd, processes: Processes) -> None:

@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 import yaml
-
 from conftest import REPO, modelgw_command, spawn
+
 from modelgw.net import free_port, wait_for_port
 from modelgw.protos import registry_pb2 as rpb
 from modelgw.registry.store import RegistryStore
@@ -81,8 +81,10 @@ def test_apply_get_delete_directly_on_etcd(direct, tmp_path):
 
     table = modelgw("get", "models", *direct)
     header, row = table.stdout.splitlines()
-    assert header.split() == ["NAME", "VERSIONS", "RUNTIMES", "TRAFFIC", "REVISION"]
+    assert header.split() == ["NAME", "VERSIONS", "RUNTIMES", "TRAFFIC", "REVISION", "STATE"]
     assert row.split()[:4] == ["resnet", "1,2", "torch", "1:90,2:10"]
+    pending = "PENDING: runtime torch has no replicas registered"
+    assert row.endswith(f"1: {pending}; 2: {pending}")  # each version's state, from the endpoints
 
     out = modelgw("get", "model", "resnet", "-o", "yaml", *direct)
     document = yaml.safe_load(out.stdout)
@@ -171,10 +173,11 @@ spec:
     result = modelgw("apply", "-f", "-", *direct, stdin=text)
     assert result.returncode == 1
     assert result.stdout.splitlines() == ["runtime/torch created", "model/resnet created"]
-    assert result.stderr.strip() == (
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("warning: ")]  # /models/... is not here
+    assert errors == [
         "error: stdin#3: models/broken: versions[0].uri: scheme 's3' is not supported "
         "(use an absolute local path or file:///path)"
-    )
+    ]
 
 
 @pytest.mark.parametrize(
@@ -209,3 +212,69 @@ def test_apply_a_directory(direct, tmp_path):
     applied = modelgw("apply", "-f", str(tmp_path), *direct)
     assert applied.returncode == 0, applied.stderr
     assert applied.stdout.splitlines() == ["runtime/torch created", "model/resnet created"]
+
+
+STATE_FILE = """\
+kind: Runtime
+spec: {{name: py, kind: python, model_formats: [python], replicas: 2}}
+---
+kind: Model
+spec:
+  name: good
+  versions: [{{version: 1, uri: "modelgw.runtimes.examples.scale:Scale", format: python, runtime: py}}]
+---
+kind: Model
+spec:
+  name: broken
+  versions: [{{version: 1, uri: "file://{missing}:Model", format: python, runtime: py}}]
+---
+kind: Model
+spec:
+  name: local
+  versions: [{{version: 1, uri: "{present}:Scale", format: python, runtime: py}}]
+"""
+
+
+def model_states(direct: list[str]) -> dict[str, str]:
+    """{model: its STATE cell} from `modelgw get models`."""
+    result = modelgw("get", "models", *direct)
+    assert result.returncode == 0, result.stderr
+    header, *rows = result.stdout.splitlines()
+    state_at = header.index("STATE")
+    return {row.split()[0]: row[state_at:] for row in rows}
+
+
+def test_get_models_shows_each_versions_state_from_the_endpoints(direct, tmp_path, etcd_server, etcd_prefix):
+    from gateway_helpers import Fleet, wait_until
+
+    missing = tmp_path / "nowhere" / "models.py"
+    present = tmp_path / "models.py"
+    present.write_text("from modelgw.runtimes.examples.scale import Scale\n")
+    applied = modelgw("apply", "-f", "-", *direct, stdin=STATE_FILE.format(missing=missing, present=present))
+    # a local path that does not exist here is applied (the runtime's machine may have
+    # it), with a warning naming the record, the field and the path
+    assert applied.returncode == 0, applied.stderr
+    assert applied.stdout.splitlines() == ["runtime/py created", "model/good created", "model/broken created",
+                                           "model/local created"]  # fmt: skip
+    assert applied.stderr.splitlines() == [
+        f"warning: stdin#3: models/broken: versions[0].uri: {missing} does not exist on this machine "
+        "(applied: it may exist where the runtime runs)"
+    ]
+    # no replica yet: said so, instead of nothing
+    assert model_states(direct)["good"] == "PENDING: runtime py has no replicas registered"
+
+    fleet = Fleet(etcd_server.endpoint, etcd_prefix, tmp_path)
+    try:
+        fleet.replica("py", "python")
+        fleet.replica("py", "python")
+
+        def settled() -> dict[str, str] | None:
+            states = model_states(direct)
+            return states if states["good"] == "READY 2/2" and states["broken"].startswith("FAILED") else None
+
+        states = wait_until(settled, 90, "good READY 2/2 and broken FAILED in `get models`", interval=0.5)
+        assert states["broken"].startswith("FAILED 0/2: "), states
+        assert f"'{missing}': no such python file" in states["broken"], states
+        assert states["local"] == "READY 2/2"
+    finally:
+        fleet.close()

@@ -129,8 +129,8 @@ async def test_get_list_delete(store):
 
 
 async def test_invalid_records_and_names_are_refused(store):
-    with pytest.raises(ValidationError, match=r"runtimes/torch: kind: 'jax' is not a known runtime kind"):
-        await store.apply_runtime(rpb.RuntimeSpec(name="torch", kind="jax", model_formats=["x"]))
+    with pytest.raises(ValidationError, match=r"runtimes/torch: kind: 'Jax Runtime' is not a kind name"):
+        await store.apply_runtime(rpb.RuntimeSpec(name="torch", kind="Jax Runtime", model_formats=["x"]))
     with pytest.raises(ValidationError, match="not a DNS label"):
         await store.get_model("../etc")
     assert (await store.list_runtimes()).runtimes == []
@@ -165,6 +165,19 @@ async def test_model_format_must_be_loaded_by_its_runtime(store):
     await store.apply_runtime(runtime(formats=("onnx",)))
     with pytest.raises(ValidationError, match=r"versions\[0\].format: runtime 'torch' does not load format 'torchscript'"):
         await store.apply_model(model())
+
+
+async def test_a_model_is_validated_once_per_write(store, monkeypatch):
+    """A spec's fields are checked once, before the first read; each attempt checks only
+    what depends on the records it read (its runtimes' formats)."""
+    from modelgw.registry import validation
+
+    calls = []
+    counted = validation.model_problems
+    monkeypatch.setattr(validation, "model_problems", lambda *a, **kw: calls.append(a) or counted(*a, **kw))
+    await store.apply_runtime(runtime())
+    assert (await store.apply_model(model())).outcome == rpb.CREATED
+    assert len(calls) == 1, calls
 
 
 async def test_runtime_in_use_cannot_be_deleted_unless_forced(store):
@@ -296,7 +309,7 @@ async def test_kept_alive_lease_outlives_its_ttl_and_reports_loss(store):
     # keep-alive refreshes every ttl/3: after four refreshes (more than one TTL) it is still there
     for _ in range(4):
         refreshed = lease.last_refreshed
-        await eventually(lambda: _after(lambda: lease.last_refreshed > refreshed))
+        await eventually(lambda since=refreshed: _after(lambda: lease.last_refreshed > since))
     assert len((await store.list_endpoints()).endpoints) == 1 and lease.alive
     # revoked behind the keeper's back: the keeper learns the lease is lost
     await store.etcd.revoke(lease.id)
@@ -391,7 +404,7 @@ async def test_watch_assigned_models(store):
 
 async def test_unreachable_etcd_is_a_clear_error():
     async with RegistryStore("127.0.0.1:1", timeout=2) as store:
-        with pytest.raises(UnavailableError, match="etcd at 127.0.0.1:1 is unreachable"):
+        with pytest.raises(UnavailableError, match=r"etcd at 127\.0\.0\.1:1 is unreachable"):
             await store.list_models()
         with pytest.raises(UnavailableError):
             await store.apply_runtime(runtime())

@@ -49,7 +49,8 @@ INVALID_RUNTIMES = [
     (runtime(name="Torch"), "runtimes/Torch: name:", "not a DNS label"),
     (runtime(name="a" * 64), "name:", "not a DNS label"),
     (runtime(name=""), "runtimes/<unnamed>: name:", "required"),
-    (runtime(kind="tensorflow"), "runtimes/torch: kind:", "not a known runtime kind"),
+    (runtime(kind="Tensor Flow"), "runtimes/torch: kind:", "'Tensor Flow' is not a kind name"),
+    (runtime(kind="k" * 64), "runtimes/torch: kind:", "is not a kind name"),
     (runtime(kind=""), "runtimes/torch: kind:", "required"),
     (runtime(model_formats=[]), "runtimes/torch: model_formats:", "at least one"),
     (runtime(model_formats=["onnx", "onnx"]), "model_formats[1]:", "duplicates model_formats[0]"),
@@ -72,13 +73,29 @@ INVALID_MODELS = [
         "duplicates versions[0]",
     ),
     (model(versions=[{"uri": "/a", "format": "onnx", "runtime": "torch"}]), "versions[0].version:", "required"),
-    (model(versions=[{"version": "1 0", "uri": "/a", "format": "x", "runtime": "torch"}]), "versions[0].version:", "not a version name"),
-    (model(versions=[{"version": "1", "uri": "s3://bucket/m", "format": "x", "runtime": "torch"}]), "versions[0].uri:", "scheme 's3' is not supported"),
+    (
+        model(versions=[{"version": "1 0", "uri": "/a", "format": "x", "runtime": "torch"}]),
+        "versions[0].version:",
+        "not a version name",
+    ),
+    (
+        model(versions=[{"version": "1", "uri": "s3://bucket/m", "format": "x", "runtime": "torch"}]),
+        "versions[0].uri:",
+        "scheme 's3' is not supported",
+    ),
     (model(versions=[{"version": "1", "uri": "models/m", "format": "x", "runtime": "torch"}]), "versions[0].uri:", "relative path"),
-    (model(versions=[{"version": "1", "uri": "file://host/m", "format": "x", "runtime": "torch"}]), "versions[0].uri:", "must not name a host"),
+    (
+        model(versions=[{"version": "1", "uri": "file://host/m", "format": "x", "runtime": "torch"}]),
+        "versions[0].uri:",
+        "must not name a host",
+    ),
     (model(versions=[{"version": "1", "format": "x", "runtime": "torch"}]), "versions[0].uri:", "required"),
     (model(versions=[{"version": "1", "uri": "/m", "runtime": "torch"}]), "versions[0].format:", "required"),
-    (model(versions=[{"version": "1", "uri": "/m", "format": "x", "runtime": "Torch!"}]), "versions[0].runtime:", "not a DNS label"),
+    (
+        model(versions=[{"version": "1", "uri": "/m", "format": "x", "runtime": "Torch!"}]),
+        "versions[0].runtime:",
+        "not a DNS label",
+    ),
     (model(traffic={"1": 50, "2": 40}), "models/resnet: traffic:", "sum to 90"),
     (model(traffic={"1": 50, "3": 50}), "traffic['3']:", "no such version"),
     (model(traffic={"1": 150}), "traffic['1']:", "more than 100"),
@@ -144,6 +161,19 @@ def test_quantities(text, value):
 
 def test_runtime_problems_empty_for_minimal_spec():
     assert runtime_problems(rpb.RuntimeSpec(name="x", kind="python", model_formats=["python"])) == []
+
+
+def test_any_kind_name_is_accepted_the_runtime_spec_declaring_its_formats():
+    # kinds plug in as entry points where the runtime runs, which the registry cannot
+    # see: it checks the name, and models against the formats the runtime declares
+    tensorflow = runtime(name="tf", kind="tensorflow", model_formats=["savedmodel"])
+    assert runtime_problems(tensorflow) == []
+    check_model(model(versions=[{"version": "1", "uri": "/m/1", "format": "savedmodel", "runtime": "tf"}]),
+                {"tf": tensorflow})  # fmt: skip
+    (problem,) = model_problems(
+        model(versions=[{"version": "1", "uri": "/m/1", "format": "onnx", "runtime": "tf"}]), {"tf": tensorflow}
+    )
+    assert problem == "models/resnet: versions[0].format: runtime 'tf' does not load format 'onnx' (it loads: savedmodel)"
 
 
 # ---------------------------------------------------------------- codec

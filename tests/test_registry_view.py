@@ -96,6 +96,32 @@ async def test_view_starts_with_the_current_state_and_follows_changes(store):
         assert view_state(view) == await etcd_state(store)
 
 
+async def test_every_kind_of_the_one_table_reaches_keys_view_and_watch(store):
+    """keys.KINDS is the only list of record kinds: each row's records are parsed, held by
+    the view under their section and carried by the watch in the row's event field."""
+    from modelgw.registry.keys import KINDS
+
+    await store.apply_runtime(runtime())
+    await store.apply_model(model("a"))
+    lease = await store.grant_lease(ttl=10)
+    await store.put_endpoint(endpoint("torch-0"), lease)
+    await store.put_runtime_status(rpb.RuntimeStatus(name="torch", replicas_ready=1))
+    names = {Section.RUNTIME: "torch", Section.MODEL: "a", Section.ENDPOINT: "torch/torch-0",
+             Section.RUNTIME_STATUS: "torch"}  # fmt: skip
+    assert set(names) == {kind.section for kind in KINDS}
+    async with RegistryView(store) as view:
+        watch = store.watch()
+        events = [await anext(watch) for _ in KINDS]
+        await watch.aclose()
+        for kind in KINDS:
+            key = store.keys.record(kind.section, names[kind.section])
+            assert store.keys.parse(key).section == kind.section
+            assert isinstance(view.snapshot.of(kind.section)[names[kind.section]], kind.message)
+            (event,) = [e for e in events if e.key == key.decode()]
+            assert event.WhichOneof("object") == kind.event_field
+    await lease.revoke()
+
+
 async def test_snapshots_are_immutable_and_consistent(store):
     await store.apply_runtime(runtime())
     async with RegistryView(store) as view:

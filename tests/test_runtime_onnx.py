@@ -94,7 +94,7 @@ def mixed_inputs(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def run_directly(session: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     feed = {**inputs, "text": np.array([t.decode() for t in inputs["text"]], dtype=object)}
-    return dict(zip(OUTPUTS, session.run(OUTPUTS, feed)))
+    return dict(zip(OUTPUTS, session.run(OUTPUTS, feed), strict=True))
 
 
 def test_readiness(runtime: Runtime) -> None:

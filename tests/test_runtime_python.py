@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from conftest import spawn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from runtime_helpers import (
     BAD_REQUESTS,
@@ -24,7 +25,6 @@ from runtime_helpers import (
 )
 from runtime_models import Countdown, Mixed
 
-from conftest import spawn
 from modelgw.net import free_port
 from modelgw.runtimes.examples.streaming import WordStream
 

@@ -120,7 +120,7 @@ def run_exported(path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndar
     module = torch.export.load(str(path)).module()
     with torch.inference_mode():
         outputs = module(*(torch.from_numpy(inputs[n]) for n in ("x", "ids", "h")))
-    return {name: t.numpy() for name, t in zip(PT2_OUTPUTS, outputs)}
+    return {name: t.numpy() for name, t in zip(PT2_OUTPUTS, outputs, strict=True)}
 
 
 def test_readiness(runtime: Runtime) -> None:

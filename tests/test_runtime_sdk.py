@@ -95,7 +95,7 @@ async def test_batcher_merges_queued_requests_and_returns_each_its_rows(executor
     assert batcher.in_flight == 1
     gate.opened.set()
     results = await asyncio.gather(first, *tasks)
-    for x, outputs in zip(requests, results[1:]):
+    for x, outputs in zip(requests, results[1:], strict=True):
         np.testing.assert_array_equal(outputs["y"], x * 2)
     # 24 queued rows in requests of 1-3 rows, at most 16 rows per call: 12 requests, 2 calls
     assert gate.batches == [1, 16, 8]
@@ -111,12 +111,12 @@ async def test_batcher_never_merges_incompatible_requests(executor) -> None:
     narrow = [np.full((1, 2), i, np.float32) for i in range(4)]
     wide = [np.full((1, 3), i, np.float32) for i in range(4)]
     doubles = [np.full((1, 2), i, np.float64) for i in range(4)]
-    mixed = [a for triple in zip(narrow, wide, doubles) for a in triple]
+    mixed = [a for triple in zip(narrow, wide, doubles, strict=True) for a in triple]
     tasks = [asyncio.create_task(batcher.submit({"x": x}, {}, 1)) for x in mixed]
     await wait_until(lambda: batcher.queue_depth == len(mixed), "all requests queue")
     gate.opened.set()
     results = await asyncio.gather(*tasks, first)
-    for x, outputs in zip(mixed, results):
+    for x, outputs in zip(mixed, results, strict=True):
         np.testing.assert_array_equal(outputs["y"], x * 2)
         assert outputs["y"].dtype == x.dtype
         assert outputs["rows"].tolist() == [4]  # merged with exactly its 3 look-alikes
@@ -205,7 +205,7 @@ async def test_repository_versions_states_and_default_version() -> None:
 
         with pytest.raises(ModelLoadError, match="weights are corrupt"):
             await repo.load("m", "11", DOUBLER, {"broken": "1"})
-        with pytest.raises(ModelNotReady, match="failed to load: .*weights are corrupt"):
+        with pytest.raises(ModelNotReady, match=r"failed to load: .*weights are corrupt"):
             repo.get("m", "11")
         assert repo.get("m").version == "10"
         with pytest.raises(ModelNotFound, match="versions: 1, 9, 10, 11"):
@@ -309,7 +309,10 @@ VALIDATOR = RequestValidator("m", ModelMetadata(
         ([tensor("x", "FP32", [2, 4]), tensor("ids", "INT64", [2, 3]), tensor("z", "FP32", [2])], "input 'z' is unknown"),
         ([tensor("x", "FP32", [2, 4])], "input 'ids' is missing"),
         ([tensor("x", "FP64", [2, 4]), tensor("ids", "INT64", [2, 3])], "input 'x' of model 'm' has datatype FP64, expected FP32"),
-        ([tensor("x", "FP32", [2, 5]), tensor("ids", "INT64", [2, 3])], "input 'x' of model 'm' has shape [2, 5], expected [-1, 4]"),
+        (
+            [tensor("x", "FP32", [2, 5]), tensor("ids", "INT64", [2, 3])],
+            "input 'x' of model 'm' has shape [2, 5], expected [-1, 4]",
+        ),
         ([tensor("x", "FP32", [4]), tensor("ids", "INT64", [2, 3])], "input 'x' of model 'm' has shape [4]"),
         ([tensor("x", "FP32", [2, 4]), tensor("ids", "INT64", [3, 3])], "input 'ids' of model 'm' has batch size 3"),
         ([tensor("x", "FP32", [9, 4]), tensor("ids", "INT64", [9, 3])], "batch size 9 (dim 0 of input 'x') is outside 1..8"),

@@ -25,7 +25,7 @@ _EXPORTS = {
     "Authenticator": "guard",
     "Door": "guard",
     "InsecureDoor": "guard",
-    "add_registry_service": "guard",
+    "admin_guard": "guard",
     "build_authenticator": "guard",
     "InvalidToken": "tokens",
     "Principal": "tokens",

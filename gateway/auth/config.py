@@ -4,7 +4,8 @@ that policies read live in their tokens, and the admin scope.
 From flags (one issuer), the environment (one issuer) or a YAML/JSON file (any number):
 
     admin_scope: modelgw:admin          # needed for /admin/v1 and the gRPC RegistryService
-    max_token_bytes: 8192               # longer tokens are refused unread
+    max_token_bytes: 8192               # longer tokens are refused unread (401); the HTTP
+                                        # header and gRPC metadata limits are set above it
     issuers:
       - issuer: https://login.example.com/realms/ml    # exactly its tokens' `iss`
         audiences: [modelgw]                           # a token's `aud` must name one
@@ -36,6 +37,10 @@ ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 DEFAULT_ADMIN_SCOPE = "modelgw:admin"
 DEFAULT_MAX_TOKEN_BYTES = 8 * 1024
+# room for a request's other headers besides the largest token: the HTTP header-line and gRPC
+# metadata limits are max_token_bytes plus this, so that a token's size is judged by the
+# token limit (401 / UNAUTHENTICATED naming it), never cut off first by a transport
+HEADER_ROOM_BYTES = 8 * 1024
 
 
 class AuthConfigError(ValueError):
@@ -151,6 +156,11 @@ class AuthConfig:
             raise AuthConfigError("admin_scope: must not be empty")
         if self.max_token_bytes < 256 or self.cache_entries < 0:
             raise AuthConfigError("max_token_bytes must be at least 256 and cache_entries not negative")
+
+    @property
+    def max_header_bytes(self) -> int:
+        """The gateway's limit on one HTTP header line and on a gRPC call's metadata."""
+        return self.max_token_bytes + HEADER_ROOM_BYTES
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> AuthConfig:

@@ -5,7 +5,7 @@
     subject = await auth.authorize_grpc(context, model)  # InferenceFrontend's `authorize`
     subject = await auth.authorize_rest(request, model)  # RestFrontend's, and any REST route's
     await auth.authorize_admin_rest(request)             # AdminApi's
-    add_registry_service(server, store, auth)            # RegistryService behind the admin check
+    grpc.aio.server(interceptors=[ErrorInterceptor(), admin_guard(auth)])  # RegistryService: admin only
 
 A request first proves who it is (a bearer token from a trusted issuer: else 401 /
 UNAUTHENTICATED), then the model's policy decides (else 403 / PERMISSION_DENIED). An
@@ -16,9 +16,8 @@ the subject and model: allowed at DEBUG, refused at INFO.
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import aiohttp
@@ -26,6 +25,7 @@ import grpc
 from aiohttp import web
 from prometheus_client import Counter, Gauge
 
+from modelgw.errors import responses_of, wrap_handler
 from modelgw.gateway import metrics
 from modelgw.gateway.auth.config import AuthConfig, check_auth_choice
 from modelgw.gateway.auth.keys import IssuerKeys
@@ -34,9 +34,6 @@ from modelgw.gateway.auth.tokens import InvalidToken, Principal, TokenVerifier
 from modelgw.gateway.errors import GatewayError
 from modelgw.gateway.routing import RoutingTable
 from modelgw.protos import registry_pb2 as rpb
-from modelgw.protos import registry_pb2_grpc as rpb_grpc
-from modelgw.registry.service import RegistryServicer
-from modelgw.registry.store import RegistryStore
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +122,11 @@ def _http_authorization(request: web.Request) -> list[str]:
 # -- the two kinds of door --------------------------------------------------------------
 
 
+def _key_count(keys: IssuerKeys) -> Callable[[], float]:
+    """The modelgw_auth_issuer_keys gauge's reading for one issuer."""
+    return lambda: float(len(keys.keys))
+
+
 class Door(Protocol):
     """What the gateway needs from authentication, with or without it."""
 
@@ -133,7 +135,7 @@ class Door(Protocol):
     async def authorize_grpc(self, context: grpc.aio.ServicerContext, model: str) -> str | None: ...
     async def authorize_rest(self, request: web.Request, model: str) -> str | None: ...
     async def authorize_admin_rest(self, request: web.Request) -> None: ...
-    async def authorize_admin_grpc(self, context: grpc.aio.ServicerContext) -> None: ...
+    async def authorize_admin_grpc(self, context: grpc.aio.ServicerContext, method: str = "") -> None: ...
 
 
 class Authenticator:
@@ -148,7 +150,7 @@ class Authenticator:
         self._policies: dict[str, tuple[rpb.ModelSpec, ModelPolicy]] = {}
         SIGNATURE_CHECKS.set_function(lambda: float(self.verifier.signature_checks))
         for issuer, keys in self.keys.items():
-            ISSUER_KEYS.labels(issuer).set_function(lambda keys=keys: float(len(keys.keys)))
+            ISSUER_KEYS.labels(issuer).set_function(_key_count(keys))
 
     def _http(self) -> aiohttp.ClientSession:
         """One session for every issuer's fetches, made on first use (inside the loop)."""
@@ -295,42 +297,54 @@ def build_authenticator(config: AuthConfig, table: RoutingTable, insecure: bool 
 
 # -- the RegistryService, behind the admin check -----------------------------------------
 
-
-def _guarded(method: Callable[..., Any], check: Callable[[grpc.aio.ServicerContext, str], Awaitable[None]], name: str) -> Callable:
-    if inspect.isasyncgenfunction(method):
-
-        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                await check(context, name)
-            except GatewayError as err:
-                await context.abort(err.code, err.message)
-            async for item in method(request, context):
-                yield item
-
-        return streaming
-
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            await check(context, name)
-        except GatewayError as err:
-            await context.abort(err.code, err.message)
-        return await method(request, context)
-
-    return unary
+REGISTRY_SERVICE = rpb.DESCRIPTOR.services_by_name["RegistryService"].full_name
+AdminCheck = Callable[[grpc.aio.ServicerContext, str], Awaitable[None]]
 
 
-class _GuardedRegistry:
-    """RegistryServicer's RPC methods, each behind `check` (the generated registration
-    only reads the methods off the servicer)."""
+class AdminScopeGuard(grpc.aio.ServerInterceptor):
+    """Every RPC of one service (the RegistryService) behind `check`, streams included.
+    A refusal is raised from the handler: install it inside modelgw.errors.ErrorInterceptor
+    (after it in `interceptors=`), which answers with the refusal's status."""
 
-    def __init__(self, servicer: RegistryServicer, check: Callable[[grpc.aio.ServicerContext, str], Awaitable[None]]) -> None:
-        for name, _ in inspect.getmembers(rpb_grpc.RegistryServiceServicer, inspect.isfunction):
-            if not name.startswith("_"):
-                setattr(self, name, _guarded(getattr(servicer, name), check, name))
+    def __init__(self, check: AdminCheck, service: str = REGISTRY_SERVICE) -> None:
+        self.check = check
+        self._prefix = f"/{service}/"
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(self._prefix):
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = self._wrapped[method] = (handler, wrap_handler(handler, method, self._unary, self._stream))
+        return cached[1]
+
+    def _unary(self, behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
+        name = method.rpartition("/")[2]
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await self.check(context, name)
+            return await behaviour(request, context)
+
+        return guarded
+
+    def _stream(self, behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
+        name = method.rpartition("/")[2]
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await self.check(context, name)
+            async for response in responses_of(behaviour, request, context):
+                yield response
+
+        return guarded
 
 
-def add_registry_service(server: grpc.aio.Server, store: RegistryStore, door: Door) -> RegistryServicer:
-    """Mount the RegistryService on the gateway's server, every RPC needing the admin scope."""
-    servicer = RegistryServicer(store)
-    rpb_grpc.add_RegistryServiceServicer_to_server(_GuardedRegistry(servicer, door.authorize_admin_grpc), server)
-    return servicer
+def admin_guard(door: Door) -> AdminScopeGuard:
+    """The interceptor that puts the gateway's RegistryService behind the admin scope."""
+    return AdminScopeGuard(door.authorize_admin_grpc)

@@ -72,7 +72,7 @@ def cache_seconds(cache_control: str | None, default: float) -> float:
 class SigningKey:
     """One JWK of an issuer; PyJWK objects are built per algorithm on first use."""
 
-    __slots__ = ("kid", "jwk", "_verifiers")
+    __slots__ = ("_verifiers", "jwk", "kid")
 
     def __init__(self, kid: str, jwk: Mapping[str, Any]) -> None:
         self.kid = kid
@@ -170,7 +170,9 @@ class IssuerKeys:
                 failures += 1
                 delay = min(MAX_RETRY_SECONDS, 0.25 * 2**failures)
                 level = logging.WARNING if failures == 1 or failures % 10 == 0 else logging.DEBUG
-                kept = f"keeping the {len(self.keys)} key(s) fetched before" if self.fetched else "no keys yet: its tokens are refused"
+                kept = (
+                    f"keeping the {len(self.keys)} key(s) fetched before" if self.fetched else "no keys yet: its tokens are refused"
+                )
                 log.log(level, "issuer %s: %s (%s; retrying in %.1fs)", self.config.issuer, err, kept, delay)
             except Exception:  # a bug of ours must not end the refreshing for good
                 log.exception("issuer %s: refreshing its keys failed", self.config.issuer)

@@ -1,6 +1,8 @@
 """Bearer token verification. PyJWT checks the signature and the registered claims; this
 module decides what PyJWT may accept: the issuer (from a fixed list), the algorithm (from
-that issuer's allow-list), the key (from that issuer's JWKS, never from the token).
+that issuer's allow-list), the key (from that issuer's JWKS, never from the token), the
+size (AuthConfig.max_token_bytes) and the type of every claim read (RFC 7519; checked
+before the signature, a wrong one refused naming the claim).
 
     verifier = TokenVerifier(config, keys_by_issuer)
     principal = await verifier.verify(token)      # or InvalidToken with the reason
@@ -13,6 +15,7 @@ SHA-256 (bounded LRU) until they expire, so a token used again costs a dict look
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -52,29 +55,97 @@ def metadata_safe(subject: str) -> str:
     return quote(subject, safe="")
 
 
+# -- claim types (RFC 7519: NumericDates are JSON numbers, iss/sub strings, aud a string or
+# an array of strings). PyJWT checks some and coerces others (`"exp": "1700000000"` passes its
+# int(), `true` is an int to Python), so every claim the verifier or a policy reads is checked
+# here, before the signature is, and a wrong type is refused naming the claim.
+
+
+def _json_type(value: Any) -> str:
+    """What a decoded JSON value is, in JSON's words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "an object"
+    return type(value).__name__
+
+
+def _wrong_type(name: str, expected: str, value: Any) -> InvalidToken:
+    return InvalidToken(f"the token's '{name}' claim must be {expected}, not {_json_type(value)}")
+
+
+def numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+    """A NumericDate claim in epoch seconds (None when absent): a finite JSON number."""
+    if name not in claims:
+        return None
+    value = claims[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _wrong_type(name, "a number (seconds since the epoch)", value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer beyond any float
+        seconds = math.inf
+    if not math.isfinite(seconds):
+        raise InvalidToken(f"the token's '{name}' claim must be a finite number of seconds, not {_shown(value, 40)}")
+    return seconds
+
+
+def string_claim(claims: Mapping[str, Any], name: str) -> str | None:
+    """A claim that must be a string (None when absent)."""
+    if name not in claims:
+        return None
+    value = claims[name]
+    if not isinstance(value, str):
+        raise _wrong_type(name, "a string", value)
+    return value
+
+
+def _strings(value: Any, name: str, split: bool) -> Iterable[str]:
+    """A string (split on spaces with `split`, as OAuth's `scope` is) or an array of strings."""
+    if isinstance(value, str):
+        return value.split() if split else (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise _wrong_type(name, "a string or an array of strings", value)
+
+
+_ABSENT = object()
+
+
 def _lookup(claims: Mapping[str, Any], path: str) -> Any:
-    """A claim by name, or by dotted path into nested objects (`realm_access.roles`).
-    A top-level claim whose name contains dots (`https://example.com/groups`) wins."""
+    """A claim by name, or by dotted path into nested objects (`realm_access.roles`);
+    _ABSENT when there is none. A top-level claim whose name contains dots
+    (`https://example.com/groups`) wins. A step of the path that is there but is no
+    object is a wrong type."""
     if path in claims:
         return claims[path]
     node: Any = claims
-    for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
+    parts = path.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, Mapping):
+            raise _wrong_type(".".join(parts[:depth]), f"an object (to read '{path}')", node)
+        if part not in node:
+            return _ABSENT
         node = node[part]
     return node
 
 
 def claim_values(claims: Mapping[str, Any], paths: Iterable[str], split: bool = False) -> frozenset[str]:
-    """Every string found at `paths`: lists of strings, or strings (split on spaces
-    with `split`, as OAuth's `scope` is)."""
+    """Every string found at `paths`: arrays of strings, or strings (split on spaces with
+    `split`). A claim of any other type: InvalidToken naming it."""
     values: set[str] = set()
     for path in paths:
         value = _lookup(claims, path)
-        if isinstance(value, str):
-            values.update(value.split() if split else (value,))
-        elif isinstance(value, list):
-            values.update(v for v in value if isinstance(v, str))
+        if value is not _ABSENT:
+            values.update(_strings(value, path, split))
     return frozenset(values)
 
 
@@ -82,6 +153,42 @@ def _shown(value: Any, limit: int = 80) -> str:
     """A value from an unverified token, fit for a message: repr'd and cut short."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True, slots=True)
+class _Claims:
+    """What the verifier and the policies read from a payload, its types checked."""
+
+    subject: str
+    expires: float
+    scopes: frozenset[str]
+    groups: frozenset[str]
+    roles: frozenset[str]
+
+
+def _read_claims(claims: Mapping[str, Any], config: IssuerConfig) -> _Claims:
+    """Every claim the verifier or a policy reads, each of its RFC 7519 type (InvalidToken
+    naming the first that is not). The values PyJWT then checks (exp, nbf, iat, aud) are
+    only type-checked here."""
+    expires = numeric_date(claims, "exp")
+    if expires is None:
+        raise InvalidToken("the token has no 'exp' claim")
+    numeric_date(claims, "nbf")
+    numeric_date(claims, "iat")
+    if "aud" not in claims:
+        raise InvalidToken("the token has no 'aud' claim")
+    _strings(claims["aud"], "aud", split=False)
+    string_claim(claims, "sub")
+    subject = string_claim(claims, config.subject_claim)
+    if not subject:
+        raise InvalidToken(f"the token has no subject ('{config.subject_claim}' claim)")
+    return _Claims(
+        subject=subject,
+        expires=expires,
+        scopes=claim_values(claims, config.scope_claims, split=True),
+        groups=claim_values(claims, config.group_claims),
+        roles=claim_values(claims, config.role_claims),
+    )
 
 
 class TokenVerifier:
@@ -127,17 +234,20 @@ class TokenVerifier:
             unverified = self._jwt.decode(token, options={"verify_signature": False})
         except jwt_errors.PyJWTError as err:
             raise InvalidToken(f"malformed token: {err}") from None
-        iss = unverified.get("iss")
-        if not isinstance(iss, str):
+        iss = string_claim(unverified, "iss")
+        if iss is None:
             raise InvalidToken("the token names no issuer (iss)")
         config = self._issuers.get(iss)
         if config is None:
             raise InvalidToken(f"the token's issuer {_shown(iss)} is not trusted here")
         alg = header.get("alg")
-        if alg not in config.algorithms:
+        if not isinstance(alg, str) or alg not in config.algorithms:
             raise InvalidToken(
                 f"algorithm {_shown(alg)} is not accepted for issuer {iss}; accepted: {', '.join(config.algorithms)}"
             )
+        # the payload's types, before any key is fetched or signature checked; the signature
+        # then covers these very bytes
+        read = _read_claims(unverified, config)
         kid = header.get("kid")
         if alg in HMAC_ALGORITHMS:
             key: Any = config.shared_secret
@@ -145,7 +255,7 @@ class TokenVerifier:
             key = await self._key(config, kid, alg)
         self.signature_checks += 1
         try:
-            claims = self._jwt.decode(
+            self._jwt.decode(
                 token,
                 key=key,
                 algorithms=[alg],
@@ -168,18 +278,15 @@ class TokenVerifier:
             raise InvalidToken("the token's signature does not verify") from None
         except jwt_errors.PyJWTError as err:
             raise InvalidToken(f"invalid token: {err}") from None
-        subject = claims.get(config.subject_claim)
-        if not isinstance(subject, str) or not subject:
-            raise InvalidToken(f"the token has no subject ('{config.subject_claim}' claim)")
         return Principal(
-            subject=subject,
+            subject=read.subject,
             issuer=iss,
-            scopes=claim_values(claims, config.scope_claims, split=True),
-            groups=claim_values(claims, config.group_claims),
-            roles=claim_values(claims, config.role_claims),
-            valid_until=float(claims["exp"]) + config.leeway_seconds,
+            scopes=read.scopes,
+            groups=read.groups,
+            roles=read.roles,
+            valid_until=read.expires + config.leeway_seconds,
             key_id=kid if isinstance(kid, str) else "",
-            header_value=metadata_safe(subject),
+            header_value=metadata_safe(read.subject),
         )
 
     async def _key(self, config: IssuerConfig, kid: Any, alg: str) -> jwt.PyJWK:

@@ -21,22 +21,28 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 from aiohttp import web
 
-from modelgw.gateway.errors import GatewayError
-from modelgw.gateway.openai.errors import InvalidRequest, error_body, error_response, stream_error
+from modelgw.gateway.errors import GatewayError, set_error_body
+from modelgw.gateway.forwarding import forwarded_headers, http_timeout, outbound_metadata, request_timeout
+from modelgw.gateway.openai.errors import InvalidRequest, error_body, openai_error_body, stream_error
 from modelgw.gateway.openai.parsing import (
-    GenerationCall, infer_request, model_of, parse_body, parse_chat, parse_completion,
-)  # fmt: skip
+    GenerationCall,
+    infer_request,
+    model_of,
+    parse_body,
+    parse_chat,
+    parse_completion,
+)
 from modelgw.gateway.openai.rendering import CallInfo, ChunkRenderer, Piece, completion_body, read_piece
-from modelgw.gateway.proxy import STICKY_HEADER, Proxy, request_timeout
-from modelgw.gateway.rest_frontend import RestAuthorizer, forwarded_headers
-from modelgw.gateway.rest_frontend import _timeout as client_timeout
+from modelgw.gateway.proxy import Proxy
+from modelgw.gateway.rest_frontend import RestAuthorizer
 from modelgw.gateway.routing import ModelRoute
+from modelgw.oip.protocol import REQUEST_ID_HEADER, SESSION_HEADER
 from modelgw.protos import inference_pb2 as pb
 from modelgw.protos import registry_pb2 as rpb
 
@@ -69,33 +75,6 @@ async def _watch_disconnect(request: web.Request, on_disconnect: Callable[[], An
             return
 
 
-@web.middleware
-async def openai_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Every error under /v1 in OpenAI's format, aiohttp's own (404, 405, 413) included."""
-    try:
-        return await handler(request)
-    except GatewayError as err:
-        return error_response(err)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = None
-        message = exc.text or exc.reason
-        if exc.status == 404:
-            message, code = f"unknown URL: {request.method} {request.path}", "unknown_url"
-        elif exc.status == 405:
-            message = f"method {request.method} is not allowed on {request.path}"
-        elif exc.status == 413:
-            limit = request.config_dict.get("max_body_bytes")
-            message = f"the request body is larger than the limit of {limit} bytes"
-        return web.json_response(error_body(exc.status, message, code=code), status=exc.status)
-    except Exception:
-        log.exception("unhandled error for %s %s", request.method, request.path)
-        return web.json_response(error_body(500, "internal error; see the gateway log"), status=500)
-
-
 class OpenAIApi:
     """/v1/models, /v1/completions and /v1/chat/completions over the gateway's proxy."""
 
@@ -106,7 +85,7 @@ class OpenAIApi:
         self._first_seen: dict[str, int] = {}
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[openai_errors])
+        app = web.Application()
         app.router.add_get("/models", self.list_models)
         app.router.add_get("/models/{model:.+}", self.get_model)
         app.router.add_post("/completions", self.completions)
@@ -115,6 +94,7 @@ class OpenAIApi:
 
     def add_routes(self, app: web.Application) -> None:
         app.add_subapp("/v1", self.app())
+        set_error_body(app, "/v1", openai_error_body)  # every error under /v1 in OpenAI's format
 
     # -- models ----------------------------------------------------------------------------
 
@@ -145,6 +125,10 @@ class OpenAIApi:
                         unauthenticated = unauthenticated or err
             if not allowed and unauthenticated is not None:
                 raise unauthenticated
+            if not names:
+                # nothing to filter, yet who asks is still checked: a missing or forged
+                # token must not hear 200 just because no LLM is registered
+                await self.authorize(request, "")
             names = allowed
         return web.json_response({"object": "list", "data": [self._card(name) for name in names]})
 
@@ -184,7 +168,7 @@ class OpenAIApi:
         subject = await self.authorize(request, model_of(body)) if self.authorize else None
         call = parse_chat(body) if chat else parse_completion(body)
         self._check_llm(call.model)
-        metadata, request_id = Proxy.outbound_metadata(forwarded_headers(request), subject)
+        metadata, request_id = outbound_metadata(forwarded_headers(request), subject)
         info = CallInfo(
             chat=chat,
             id=("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
@@ -205,8 +189,8 @@ class OpenAIApi:
         forward = asyncio.ensure_future(
             self.proxy.unary(
                 "model_infer", message.SerializeToString(), call.model, "", metadata=metadata,
-                timeout=client_timeout(request), sticky_key=request.headers.get(STICKY_HEADER), protocol=PROTOCOL,
-            )  # fmt: skip
+                timeout=http_timeout(request), sticky_key=request.headers.get(SESSION_HEADER), protocol=PROTOCOL,
+            )
         )
         watcher = asyncio.create_task(_watch_disconnect(request, forward.cancel))
         try:
@@ -214,12 +198,7 @@ class OpenAIApi:
         finally:
             watcher.cancel()
         piece = read_piece(pb.ModelInferResponse.FromString(raw), final=True)
-        return web.json_response(completion_body(info, piece), headers={"x-request-id": request_id})
-
-    def _stream_timeout(self, request: web.Request, model: str) -> float | None:
-        """The model's timeout and the client's, if any: a stream has no default deadline
-        (the client ends it by going away)."""
-        return request_timeout(self.proxy.table.routes.get(model), client_timeout(request))
+        return web.json_response(completion_body(info, piece), headers={REQUEST_ID_HEADER: request_id})
 
     async def _stream(
         self, request: web.Request, call: GenerationCall, info: CallInfo, message: pb.ModelInferRequest,
@@ -227,62 +206,56 @@ class OpenAIApi:
     ) -> web.StreamResponse:  # fmt: skip
         """A streamed answer over one ModelStreamInfer stream, relayed as SSE chunks."""
         model = call.model
-        self.proxy.admit(model)
-        started = time.perf_counter()
-        version, runtime, status = "", "", "OK"
-        replica = upstream_call = watcher = response = None
-        try:
-            upstream, replica, version = self.proxy.open_stream(
-                model, "", metadata=metadata, sticky_key=request.headers.get(STICKY_HEADER)
-            )
-            runtime = replica.runtime
-            replica.outstanding += 1
-            message.model_version = version  # the version the traffic split chose
-            upstream_call = upstream.model_stream_infer(metadata=metadata, timeout=self._stream_timeout(request, model))
-            watcher = asyncio.create_task(_watch_disconnect(request, upstream_call.cancel))
+        # the model's timeout and the client's, if any: a stream has no default deadline
+        # (the client ends it by going away)
+        timeout = request_timeout(self.proxy.table.routes.get(model), http_timeout(request))
+        response: web.StreamResponse | None = None
+        with self.proxy.stream(
+            model, "", metadata=metadata, sticky_key=request.headers.get(SESSION_HEADER), timeout=timeout,
+            protocol=PROTOCOL,
+        ) as stream:  # fmt: skip
+            upstream = stream.call  # cancelled when the stream is released: the runtime aborts
+            message.model_version = stream.version  # the version the traffic split chose
+            watcher = asyncio.create_task(_watch_disconnect(request, upstream.cancel))
             try:
-                await upstream_call.write(message.SerializeToString())
-                await upstream_call.done_writing()
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-                pass  # the call failed already: reading it below says how
-            # the first piece before the headers: a refused request is still a plain HTTP error
-            piece = await _next_piece(upstream_call)
-            response = web.StreamResponse(headers={**SSE_HEADERS, "x-request-id": request_id})
-            await response.prepare(request)
-            chunks = ChunkRenderer(info, call.include_usage)
-            await _send(response, chunks.start())
-            while not piece.final:
-                await _send(response, chunks.delta(piece))
-                piece = await _next_piece(upstream_call)
-            await _send(response, chunks.finish(piece))
-            await _send(response, chunks.usage(piece))
-            await response.write(DONE)
-            return response
-        except GatewayError as err:
-            status = err.code.name
-            if response is None:
-                raise  # rendered by openai_errors
-            # the status line is gone: the error travels as an event (the openai SDK raises it)
-            try:
-                await response.write(_sse(error_body(err.http_status, err.message)))
+                try:
+                    await upstream.write(message.SerializeToString())
+                    await upstream.done_writing()
+                except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                    pass  # the call failed already: reading it below says how
+                # the first piece before the headers: a refused request is still a plain HTTP error
+                piece = await _next_piece(upstream)
+                response = web.StreamResponse(headers={**SSE_HEADERS, REQUEST_ID_HEADER: request_id})
+                await response.prepare(request)
+                chunks = ChunkRenderer(info, call.include_usage)
+                await _send(response, chunks.start())
+                while not piece.final:
+                    await _send(response, chunks.delta(piece))
+                    piece = await _next_piece(upstream)
+                await _send(response, chunks.finish(piece))
+                await _send(response, chunks.usage(piece))
                 await response.write(DONE)
+                return response
+            except GatewayError as err:
+                if response is None:
+                    raise  # rendered by the error middleware; counted with its status on release
+                stream.status = err.code.name
+                # the status line is gone: the error travels as an event (the openai SDK raises it)
+                try:
+                    await response.write(_sse(error_body(err.http_status, err.message)))
+                    await response.write(DONE)
+                except ConnectionError:
+                    pass
+                return response
             except ConnectionError:
-                pass
-            return response
-        except ConnectionError:
-            status = "CANCELLED"  # the client went away while we wrote to it
-            return response
-        except asyncio.CancelledError:
-            status = "CANCELLED"  # the watcher saw the client leave, or the gateway stops
-            raise
-        finally:
-            if watcher is not None:
+                if response is None:
+                    raise
+                stream.status = "CANCELLED"  # the client went away while we wrote to it
+                return response
+            finally:
+                # a CancelledError (the watcher saw the client leave, or the gateway stops)
+                # goes on to the release, which counts it as CANCELLED
                 watcher.cancel()
-            if upstream_call is not None:
-                upstream_call.cancel()  # a no-op after a complete answer; else the runtime aborts
-            if replica is not None:
-                replica.outstanding -= 1
-            self.proxy.finish(model, (version, runtime, PROTOCOL, status), time.perf_counter() - started)
 
 
 async def _send(response: web.StreamResponse, chunk: dict[str, Any] | None) -> None:

@@ -2,6 +2,8 @@
 
 Every failure is a GatewayError (a gRPC status and its HTTP equivalent); here it gets
 OpenAI's `type` and `code` for its status, and a `param` when one parameter is to blame.
+`openai_error_body` is the /v1 surface's body for the gateway's error middleware
+(gateway/errors.py), which answers whatever a route raises.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from modelgw.gateway.errors import GatewayError
+from modelgw.errors import split_stream_message
+from modelgw.gateway.errors import Failure, GatewayError
 
 # HTTP status -> (OpenAI error type, default code)
 _KINDS: dict[int, tuple[str, str | None]] = {
@@ -65,10 +68,19 @@ def describe(err: GatewayError) -> tuple[int, dict[str, Any]]:
     return status, error_body(status, err.message, param, code)
 
 
-def error_response(err: GatewayError) -> web.Response:
-    status, body = describe(err)
-    # auth refusals carry their WWW-Authenticate challenge (gateway/auth/guard.py)
-    return web.json_response(body, status=status, headers=getattr(err, "headers", None))
+def openai_error_body(request: web.Request, failure: Failure) -> web.Response:
+    """The /v1 surface's error body (the error middleware's ErrorBody)."""
+    error = failure.error
+    if isinstance(error, GatewayError):
+        status, body = describe(error)
+        if failure.message != error.message:  # cut to size by the middleware
+            body["error"]["message"] = failure.message
+    else:
+        # aiohttp's own (unknown URL, method, body over the limit) or a bug of ours (500)
+        status = failure.status
+        unknown_url = status == 404 and failure.code is None
+        body = error_body(status, failure.message, code="unknown_url" if unknown_url else None)
+    return web.json_response(body, status=status, headers=failure.headers)
 
 
 # -- errors that arrive on a ModelStreamInfer stream ------------------------------------
@@ -81,15 +93,20 @@ _UNAVAILABLE_HINTS = (
 def stream_error(message: str) -> GatewayError:
     """A GatewayError for a stream response's error_message.
 
-    Triton's stream protocol carries a message without a status code. The gateway's own
-    stream errors start with the code's name ("UNAVAILABLE: ..."); the runtime SDK's do not,
-    so their kind is read from what the SDK says: "internal error" / "failed:" (a bug,
-    500), "retry later" (a full queue, 429), a model that is not loaded or not ready (503),
-    and otherwise a refused request (400) -- by far the most common: bad sampling values,
-    a prompt beyond the context, a chat template that does not render."""
-    name, sep, rest = message.partition(": ")
-    if sep and name in grpc.StatusCode.__members__:
-        return GatewayError(grpc.StatusCode[name], rest)
+    Triton's stream protocol carries a message without a status code, so modelgw's
+    runtimes and gateway start it with the code's name ("UNAVAILABLE: ...",
+    modelgw.errors.stream_message): that name is the status."""
+    code, rest = split_stream_message(message)
+    if code is not None:
+        return GatewayError(code, rest)
+    return _guessed_stream_error(message)
+
+
+def _guessed_stream_error(message: str) -> GatewayError:
+    """FALLBACK, for runtimes that are not ours (e.g. Triton itself), whose stream errors
+    name no status: guessed from the words, "internal error" / "failed:" (a bug, 500),
+    "retry later" (a full queue, 429), a model that is not loaded or not ready (503), and
+    otherwise a refused request (400), by far the most common."""
     lowered = message.lower()
     if lowered.startswith("internal error") or "' failed: " in lowered:
         return GatewayError(grpc.StatusCode.INTERNAL, message)

@@ -11,7 +11,9 @@ set of rules, with messages naming the parameter). Fields that OpenAI clients ro
 send are ignored; fields whose meaning we cannot honour (n > 1, best_of, echo, suffix,
 logit_bias, penalties, tools, JSON response formats, top logprobs) are refused with a 400
 naming them, rather than silently answered differently. Extensions, as vLLM names them:
-top_k, ignore_eos, stop_token_ids.
+top_k, ignore_eos, stop_token_ids. Chat messages pass the contract's own check
+(modelgw.chat: roles system, developer, user, assistant; text content), the one the
+runtime applies, so a bad one is a 400 naming it (`messages[0].role`) before any runtime.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from modelgw.chat import MessageError, check_messages
+from modelgw.gateway.json_body import BadBody, parse_json
 from modelgw.gateway.openai.errors import InvalidRequest
-from modelgw.protos import inference_pb2 as pb
 from modelgw.oip.codec import add_input, set_parameter
+from modelgw.oip.protocol import ENABLE_EMPTY_FINAL_RESPONSE
+from modelgw.protos import inference_pb2 as pb
 
 _INT64 = 2**63
 
@@ -46,18 +51,14 @@ class GenerationCall:
 # -- the body ----------------------------------------------------------------------------
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def parse_body(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object; InvalidRequest otherwise."""
     if not raw.strip():
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
-        body = json.loads(raw, parse_constant=_no_constants)
-    except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError is a ValueError
-        raise InvalidRequest(f"the request body is not valid JSON: {err}") from None
+        body = parse_json(raw)  # the gateway's one JSON body reader: not JSON, or nested too deep
+    except BadBody as err:
+        raise InvalidRequest(err.message) from None
     if not isinstance(body, dict):
         raise InvalidRequest(f"the request body must be a JSON object, got {_json_type(body)}")
     return body
@@ -241,18 +242,14 @@ def parse_completion(body: dict[str, Any]) -> GenerationCall:
 
 
 def _check_messages(messages: Any) -> list[Any]:
+    """The messages as sent, once the contract's check (modelgw.chat, which the runtime
+    applies too) passes: roles the chat template renders, text content."""
     if messages is None:
         raise InvalidRequest("you must provide messages", "messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("messages must be a non-empty array of {\"role\", \"content\"} objects", "messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise InvalidRequest(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
-        content = message.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise InvalidRequest(
-                f"messages[{i}].content must be a string or an array of text parts", f"messages[{i}].content"
-            )
+    try:
+        check_messages(messages)
+    except MessageError as err:
+        raise InvalidRequest(str(err), err.field, err.code) from None
     return messages
 
 
@@ -292,9 +289,6 @@ def parse_chat(body: dict[str, Any]) -> GenerationCall:
 
 # -- the contract's request -----------------------------------------------------------------
 
-EMPTY_FINAL = "triton_enable_empty_final_response"
-
-
 def infer_request(call: GenerationCall, request_id: str) -> pb.ModelInferRequest:
     """The ModelInferRequest for a call. Streamed calls ask for an empty final response, so
     that each token chunk leaves the runtime as soon as it exists (the usage figures and
@@ -304,9 +298,10 @@ def infer_request(call: GenerationCall, request_id: str) -> pb.ModelInferRequest
         text = json.dumps(call.messages, ensure_ascii=False)
         add_input(message, "messages", np.array([text.encode("utf-8")], dtype=object), "BYTES")
     else:
-        add_input(message, "text_input", np.array([call.prompt.encode("utf-8")], dtype=object), "BYTES")
+        prompt = call.prompt or ""  # parse_completion refuses an empty prompt
+        add_input(message, "text_input", np.array([prompt.encode("utf-8")], dtype=object), "BYTES")
     for key, value in call.parameters.items():
         set_parameter(message.parameters, key, value)
     if call.stream:
-        set_parameter(message.parameters, EMPTY_FINAL, True)
+        set_parameter(message.parameters, ENABLE_EMPTY_FINAL_RESPONSE, True)
     return message

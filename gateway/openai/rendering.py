@@ -18,8 +18,9 @@ from typing import Any
 import grpc
 
 from modelgw.gateway.errors import GatewayError
-from modelgw.protos import inference_pb2 as pb
 from modelgw.oip.codec import TensorError, decode_response_outputs, parameter_value
+from modelgw.oip.protocol import FINAL_RESPONSE
+from modelgw.protos import inference_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def read_piece(response: pb.ModelInferResponse, final: bool | None = None) -> Pi
     logprobs = outputs.get("logprobs")
     if logprobs is not None:
         piece.logprobs = [float(v) for v in logprobs.reshape(-1)]
-    piece.final = bool(_param(response, "triton_final_response")) if final is None else final
+    piece.final = bool(_param(response, FINAL_RESPONSE)) if final is None else final
     prompt_tokens, completion_tokens = _param(response, "prompt_tokens"), _param(response, "completion_tokens")
     piece.prompt_tokens = int(prompt_tokens) if prompt_tokens is not None else None
     piece.completion_tokens = int(completion_tokens) if completion_tokens is not None else None
@@ -95,13 +96,13 @@ def chat_logprobs(piece: Piece) -> dict[str, Any]:
     return {
         "content": [
             {"token": _token(t), "logprob": lp, "bytes": None, "top_logprobs": []}
-            for t, lp in zip(piece.token_ids, piece.logprobs)
+            for t, lp in zip(piece.token_ids, piece.logprobs, strict=False)
         ]
     }
 
 
 def completion_logprobs(piece: Piece) -> dict[str, Any]:
-    pairs = list(zip(piece.token_ids, piece.logprobs))
+    pairs = list(zip(piece.token_ids, piece.logprobs, strict=False))
     return {
         "tokens": [_token(t) for t, _ in pairs],
         "token_logprobs": [lp for _, lp in pairs],

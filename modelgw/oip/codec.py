@@ -18,8 +18,10 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import grpc
 import numpy as np
 
+from modelgw.oip.protocol import MAX_SHAPE_DIMS
 from modelgw.protos import inference_pb2 as pb
 
 # OIP datatype -> numpy dtype (little-endian). BYTES and BF16 are special-cased.
@@ -81,6 +83,8 @@ _LEN = struct.Struct("<I")
 class TensorError(ValueError):
     """A tensor is malformed: wrong datatype, shape, element count or encoding."""
 
+    code = grpc.StatusCode.INVALID_ARGUMENT  # its status (modelgw/errors.py), wherever it is raised
+
     def __init__(self, tensor: str, message: str) -> None:
         super().__init__(f"tensor '{tensor}': {message}")
         self.tensor = tensor
@@ -96,8 +100,17 @@ def datatype_of(array: np.ndarray) -> str:
         raise TypeError(f"no OIP datatype for numpy dtype {array.dtype}") from None
 
 
+def check_dims(name: str, shape: Sequence[int]) -> None:
+    """Refuse a shape with more than MAX_SHAPE_DIMS dimensions, without echoing it (an
+    error quoting 10,000 dims outgrew gRPC's metadata limit). Runs before anything else
+    reads or quotes the shape."""
+    if len(shape) > MAX_SHAPE_DIMS:
+        raise TensorError(name, f"shape has {len(shape)} dimensions; at most {MAX_SHAPE_DIMS} are allowed")
+
+
 def element_count(name: str, shape: Sequence[int]) -> int:
-    """Number of elements of a concrete shape; refuses negative dimensions."""
+    """Number of elements of a concrete shape; refuses too many or negative dimensions."""
+    check_dims(name, shape)
     if shape and min(shape) < 0:
         raise TensorError(name, f"shape {list(shape)} has a negative dimension")
     return math.prod(shape)

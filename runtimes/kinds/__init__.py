@@ -2,20 +2,24 @@
 options). Kinds are imported lazily, so serving ONNX never imports torch.
 
 A new kind plugs in three ways:
-- add it to BUILTIN_KINDS below (kinds that ship with modelgw);
+- from another distribution (a platform team's package), declare an entry point in the
+  group `modelgw.runtime_kinds`: installed where the runtime runs, it is served, listed by
+  `modelgw runtime serve --help`, and the registry and reconciler take it like any kind
+  (they check the kind only as a name: they cannot see what a runtime's machine has);
 - call `register_kind("mykind", factory_or_"pkg.module:Factory")` before serving;
-- from another distribution, declare an entry point in the group `modelgw.runtime_kinds`.
+- add it to BUILTIN_KINDS below (kinds that ship with modelgw).
 A factory is any callable `(name, version, uri, options) -> Model`; a Model subclass is one.
+A kind that is none of these is refused when the runtime starts (resolve_kind).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
-import hashlib
 import sys
 from collections.abc import Callable, Mapping
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
@@ -42,25 +46,39 @@ def register_kind(name: str, factory: ModelFactory | str) -> None:
 
 
 def kind_names() -> list[str]:
+    """Every kind this process can serve: built in, registered, or installed as an entry point."""
     names = set(BUILTIN_KINDS) | set(_registered)
     names.update(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
     return sorted(names)
 
 
 def resolve_kind(name: str) -> ModelFactory:
-    """The factory of a kind; ModelLoadError naming the known kinds if there is none."""
+    """The factory of a kind; ModelLoadError naming the installed kinds if there is none."""
     target: ModelFactory | str | None = _registered.get(name) or BUILTIN_KINDS.get(name)
     if target is None:
         for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
-            target = ep.value
+            target = _load_entry_point(ep)
             break
     if target is None:
-        raise ModelLoadError(f"unknown runtime kind '{name}'; known kinds: {', '.join(kind_names())}")
+        raise ModelLoadError(
+            f"unknown runtime kind '{name}' (not built in, and no installed package declares it as a "
+            f"'{ENTRY_POINT_GROUP}' entry point); installed kinds: {', '.join(kind_names())}"
+        )
     if isinstance(target, str):
         target = import_object(target)
     if not callable(target):
         raise ModelLoadError(f"runtime kind '{name}' is not callable: {target!r}")
     return target
+
+
+def _load_entry_point(ep: EntryPoint) -> Any:
+    distribution = f" of {ep.dist.name}" if ep.dist is not None else ""
+    try:
+        return ep.load()
+    except Exception as exc:  # an installed package's import error, named as such
+        raise ModelLoadError(
+            f"runtime kind '{ep.name}' (entry point '{ep.value}'{distribution}): cannot load: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def import_object(reference: str) -> Any:

@@ -78,7 +78,7 @@ class OnnxModel(Model):
         if self._string_inputs:
             feed = {n: _to_strings(a) if n in self._string_inputs else a for n, a in inputs.items()}
         results = self._session.run(self._output_names, feed)
-        return dict(zip(self._output_names, results))
+        return dict(zip(self._output_names, results, strict=True))
 
     def unload(self) -> None:
         self._session = None

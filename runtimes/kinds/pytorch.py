@@ -1,9 +1,18 @@
-"""The `pytorch` kind: TorchScript files (torch.jit.load) and torch.export programs (.pt2).
+"""The `pytorch` kind: torch.export programs (.pt2, the default) and TorchScript files.
 
-URI: a model file, or a directory holding model.pt / model.pt2 (or exactly one such file).
-Files ending in .pt2 are torch.export programs; anything else is TorchScript.
+URI: a model file, or a directory holding model.pt2 / model.pt (or exactly one such file;
+model.pt2 wins where both are there). Files ending in .pt2 are torch.export programs
+(torch.export.save); anything else is TorchScript (torch.jit.save). PyTorch has deprecated
+TorchScript: it keeps working here, but export new models with torch.export:
+
+    program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, "model.pt2")
 
 Signature (the tensors clients see):
+- .pt2 programs carry their signature: inputs are named after forward's arguments,
+  datatypes and shapes come from the exported program (dynamic dims -> -1), outputs are
+  named output_0, output_1, ... A sidecar (below), when present, overrides all of this,
+  e.g. to name the outputs or set max_batch_size.
 - TorchScript has no typed signature, so a JSON sidecar declares it. It sits next to the
   model file with the same stem (model.pt -> model.json), or the option `config=PATH`
   names it:
@@ -12,9 +21,6 @@ Signature (the tensors clients see):
        "max_batch_size": 16}
   forward() receives the inputs positionally in this order and returns a tensor, a
   tuple/list of tensors in output order, or a dict keyed by output name.
-- .pt2 programs carry their signature: inputs are named after forward's arguments,
-  datatypes and shapes come from the exported program (dynamic dims -> -1), outputs are
-  named output_0, output_1, ... A sidecar, when present, overrides all of this.
 BYTES inputs reach TorchScript as (nested) lists of str; List[str] outputs become BYTES.
 
 Options: threads=N (torch intra-op threads; default torch's, one per core),
@@ -24,7 +30,7 @@ device=cpu|cuda:N (default cpu), config=PATH (the sidecar).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +110,12 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 class PyTorchModel(Model):
     platform = "pytorch_libtorch"
+    _arity: int | None = None  # forward's number of inputs, where the file tells
+    # Model's own, declared again for mypy, which sees `modelgw.runtimes.model` only as
+    # an untyped import (the package maps the top-level runtimes/ directory)
+    inputs: Sequence[TensorSpec]
+    outputs: Sequence[TensorSpec]
+    max_batch_size: int
 
     def load(self) -> None:
         path = find_model_file(local_path(self.uri), MODEL_SUFFIXES, ("model.pt2", "model.pt"))
@@ -169,7 +181,8 @@ class PyTorchModel(Model):
                 user_values = values[len(values) - len(signature.user_outputs):]
                 for i, value in enumerate(user_values):
                     outputs.append(_spec_from_fake(f"output_{i}", getattr(value, "meta", {}).get("val"), "output"))
-        self.inputs, self.outputs = inputs, outputs
+        self.inputs = inputs
+        self.outputs = outputs
         module = program.module()
         self._module = module if self._device.type == "cpu" else module.to(self._device)
         self._arity = len(inputs)
@@ -187,7 +200,7 @@ class PyTorchModel(Model):
                 raise InferenceError(
                     f"model '{self.name}' returned {len(result)} outputs, its signature declares {len(names)}"
                 )
-            return {name: _to_numpy(value) for name, value in zip(names, result)}
+            return {name: _to_numpy(value) for name, value in zip(names, result, strict=True)}
         return {names[0]: _to_numpy(result)}
 
     def unload(self) -> None:

@@ -9,10 +9,10 @@ Modules, each one responsibility (the wire contract is runtimes/llm/CONTRACT.md)
     checkpoint.py      config.json, safetensors weights, tokenizer.json, chat template
     model.py           the decoder (RMSNorm, RoPE with scaling, GQA, SwiGLU) over a paged cache
     kv_cache.py        fixed-budget block pool + the cache tensors
-    sequence.py        one request's state while it runs
-    scheduler.py       continuous batching: who runs this step, with how many tokens
-    runner.py          turns a scheduled step into tensors and runs the model
-    sampling.py        sampling parameters and the batched sampler
+    sequence.py        one request's state while it runs, and its outputs
+    scheduler.py       continuous batching, and every change of request state (tokens, stops, finish)
+    runner.py          a scheduled step (plain data) -> tensors -> forward -> sampled tokens
+    sampling.py        sampling parameters and the batched sampler (the runner's)
     detokenizer.py     incremental detokenization and stop strings
     engine.py          the Engine interface and the `torch` engine (TensorRT design note)
     async_engine.py    an Engine driven by a background thread, with an async generate()

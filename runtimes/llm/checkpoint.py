@@ -210,7 +210,7 @@ class Tokenizer:
         self.chat_template = self._chat_template(directory, config)
         # HF's Llama tokenizers add <s> by this flag even when tokenizer.json's post-processor does not
         self._add_bos = bool(config.get("add_bos_token", False)) and self.bos_token_id is not None
-        self._template = None
+        self._template: Any = None  # the compiled jinja2 template, made on first use
 
     @staticmethod
     def _chat_template(directory: Path, config: Mapping[str, Any]) -> str | None:
@@ -225,7 +225,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-        if add_special_tokens and self._add_bos and (not ids or ids[0] != self.bos_token_id):
+        if add_special_tokens and self._add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
             ids.insert(0, self.bos_token_id)
         return ids
 

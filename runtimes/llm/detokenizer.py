@@ -31,7 +31,7 @@ class Decoding(Protocol):
 class TextStream:
     """The generated text of one sequence, growing by tokens."""
 
-    __slots__ = ("_tokenizer", "_ids", "_prefix", "_read", "text", "_sent", "_stop", "_stop_max", "stopped")
+    __slots__ = ("_ids", "_prefix", "_read", "_sent", "_stop", "_stop_max", "_tokenizer", "stopped", "text")
 
     def __init__(self, tokenizer: Decoding, prompt_ids: Sequence[int], stop: Sequence[str] = ()) -> None:
         self._tokenizer = tokenizer

@@ -8,21 +8,29 @@ background thread) calls, between steps:
     engine.abort("r1")                  # cancel: frees the request's cache at once
     engine.figures()                    # waiting, running, KV-cache use (any thread may read)
 
-A RequestOutput carries what a request gained in this step: a text delta (never part of a
-stop string), the new token ids (and their logprobs when asked), and on the last one
-finished=True with the finish reason ("stop" | "length" | "cancelled") and token counts.
-A step that produced a token but no text yet (an incomplete character, or the possible
-start of a stop string) gives no output for that request; its tokens come with the next.
+A RequestOutput (sequence.py) carries what a request gained in this step: a text delta
+(never part of a stop string), the new token ids (and their logprobs when asked), and on
+the last one finished=True with the finish reason ("stop" | "length" | "cancelled" |
+"error") and token counts. A step that produced a token but no text yet (an incomplete
+character, or the possible start of a stop string) gives no output for that request; its
+tokens come with the next.
 
-TorchEngine = Scheduler (who runs) + ModelRunner (tensors, cache, forward) + Sampler
-(next tokens) + TextStream per sequence (detokenization, stop strings). Only the runner
-touches the model.
+A step is vLLM v1's three calls:
+
+    step = scheduler.schedule()                          # plain data: rows of token ids, block ids
+    result = runner.execute(step)                        # tensors only: forward + sampling
+    outputs = scheduler.update_from_output(step, result) # every change of request state
+
+TorchEngine = Scheduler (who runs; appends tokens, applies stops, finishes, frees the
+cache) + ModelRunner (cache tensors, forward, sampler). Only the runner touches the model,
+and nothing but the scheduler changes a Sequence.
 
 The `tensorrt` engine (design, not built: no GPU here)
 -----------------------------------------------------
-It reuses everything above except the ModelRunner: scheduling, the block pool, sampling
-and detokenization are engine-independent, and a `TensorRTRunner.execute(step) -> logits`
-takes the same ScheduledStep.
+It reuses everything above except the ModelRunner: scheduling, the block pool, stops
+and detokenization are engine-independent, and a `TensorRTRunner.execute(step) ->
+SampleResult` takes the same ScheduledStep (plain data: token ids, positions, block ids,
+sampling parameters) and samples on the GPU with the shared Sampler.
 
 - Export: the Decoder's forward is exported to ONNX with flat inputs (input_ids [T],
   positions [T], slot_mapping [T], block tables [rows, max_blocks], context lengths
@@ -41,7 +49,7 @@ takes the same ScheduledStep.
   TensorRT version + GPU name and compute capability. A missing plan is built once (slow)
   and written atomically (temp file + rename); a plan for another GPU or TensorRT version
   is never loaded.
-- fp16/bf16 only; logits come back as float32 for the shared sampler.
+- fp16/bf16 only; logits are float32 for the shared sampler.
 """
 
 from __future__ import annotations
@@ -57,9 +65,12 @@ from modelgw.runtimes.llm.checkpoint import Checkpoint
 from modelgw.runtimes.llm.kv_cache import BlockPool, KVCache, blocks_for_budget
 from modelgw.runtimes.llm.model import Decoder
 from modelgw.runtimes.llm.runner import ModelRunner
-from modelgw.runtimes.llm.sampling import Sampler, SamplingParams
+from modelgw.runtimes.llm.sampling import SamplingParams
 from modelgw.runtimes.llm.scheduler import Scheduler, SchedulerConfig
-from modelgw.runtimes.llm.sequence import Sequence, Status
+from modelgw.runtimes.llm.sequence import RequestOutput, Sequence
+
+__all__ = ["ENGINES", "Engine", "EngineConfig", "EngineFigures", "GenerationRequest", "RequestOutput",
+           "TorchEngine", "create_engine"]
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +83,6 @@ class GenerationRequest:
     request_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    text: str                                        # delta since the previous output
-    token_ids: list[int]                             # tokens since the previous output
-    logprobs: list[float] | None = None              # theirs, when asked
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    finished: bool = False
-    finish_reason: str | None = None                 # "stop" | "length" | "cancelled"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,7 +132,7 @@ class Engine(ABC):
     @abstractmethod
     def figures(self) -> EngineFigures: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a hook with a default: an engine holding nothing needs no close
         """Release the model and the cache."""
 
 
@@ -205,7 +203,6 @@ class TorchEngine(Engine):
                              model_config.head_dim, dtype, device)
         self.scheduler = Scheduler(scheduler_config, self.pool)
         self.runner = ModelRunner(self.model, self.cache)
-        self.sampler = Sampler()
         self.device, self.dtype = device, dtype
         log.info("torch engine: %s %s, %d layers, KV cache %d blocks x %d tokens (%.1f MiB), max_model_len %d",
                  device, str(dtype).removeprefix("torch."), model_config.num_layers, num_blocks, config.block_size,
@@ -218,15 +215,10 @@ class TorchEngine(Engine):
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        seq = self.scheduler.abort(request_id)
-        return None if seq is None else self._output(seq, final_text=False)
+        return self.scheduler.abort(request_id)
 
     def abort_all(self, reason: str = "cancelled") -> list[RequestOutput]:
-        outputs = []
-        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
-            self.scheduler.finish(seq, reason)
-            outputs.append(self._output(seq, final_text=False))
-        return outputs
+        return self.scheduler.abort_all(reason)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -238,59 +230,12 @@ class TorchEngine(Engine):
 
     def step(self) -> list[RequestOutput]:
         step = self.scheduler.schedule()
-        if step.empty:
-            return []
-        sampling = step.sampling
-        logits = self.runner.execute(step)
-        if not sampling:
-            return []
-        result = self.sampler.sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
-        outputs = []
-        for i, seq in enumerate(sampling):
-            token = result.token_ids[i]
-            seq.output_ids.append(token)
-            seq.pending_ids.append(token)
-            if result.logprobs[i] is not None:
-                seq.pending_logprobs.append(result.logprobs[i])
-                seq.pending_top.append(result.top_logprobs[i])
-            reason = None
-            if token in seq.stop_ids:
-                reason = "stop"  # eos / stop token: not part of the text
-            else:
-                seq.text.add(token)
-                if seq.text.stopped:
-                    reason = "stop"
-                elif len(seq.output_ids) >= seq.params.max_tokens:
-                    reason = "length"
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-            output = self._output(seq)
-            if output is not None:
-                outputs.append(output)
-        return outputs
-
-    def _output(self, seq: Sequence, final_text: bool = True) -> RequestOutput | None:
-        finished = seq.status is Status.FINISHED
-        text = seq.text.take(final=finished) if final_text or not finished else ""
-        if not text and not finished:
-            return None  # nothing to show yet: the tokens travel with the next output
-        asked = seq.params.logprobs > 0
-        output = RequestOutput(
-            request_id=seq.request_id,
-            text=text,
-            token_ids=seq.pending_ids,
-            logprobs=seq.pending_logprobs if asked else None,
-            top_logprobs=seq.pending_top if asked else None,
-            finished=finished,
-            finish_reason=seq.finish_reason,
-            prompt_tokens=len(seq.prompt_ids),
-            completion_tokens=len(seq.output_ids),
-        )
-        seq.pending_ids, seq.pending_logprobs, seq.pending_top = [], [], []
-        return output
+        result = self.runner.execute(step)  # an empty step too: the runner forgets requests that left
+        return self.scheduler.update_from_output(step, result)
 
     def close(self) -> None:
         self.abort_all()
+        self.runner.close()
         del self.cache, self.model, self.runner
 
 

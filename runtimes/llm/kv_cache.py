@@ -50,9 +50,6 @@ class BlockPool:
         """Fraction of the blocks held by sequences, 0..1."""
         return 1.0 - len(self._free) / self.num_blocks
 
-    def can_allocate(self, count: int) -> bool:
-        return count <= len(self._free)
-
     def allocate(self, count: int) -> list[int] | None:
         """`count` blocks, or None when fewer are free (nothing is taken then)."""
         if count > len(self._free):

@@ -161,21 +161,30 @@ class Decoder:
                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Decoder:
         """From Hugging Face tensor names (model.layers.N.self_attn.q_proj.weight, ...)."""
 
-        def take(name: str, optional: bool = False) -> torch.Tensor | None:
+        def maybe(name: str) -> torch.Tensor | None:
             tensor = weights.pop(name, None)
-            if tensor is None:
-                if optional:
-                    return None
-                raise ModelLoadError(f"the checkpoint lacks the weight '{name}'")
-            return tensor.to(device=device, dtype=dtype)
+            return None if tensor is None else tensor.to(device=device, dtype=dtype)
 
-        def fused(names: list[str], optional: bool = False) -> torch.Tensor | None:
-            parts = [take(n, optional) for n in names]
-            if any(p is None for p in parts):
-                if optional and all(p is None for p in parts):
-                    return None
+        def take(name: str) -> torch.Tensor:
+            tensor = maybe(name)
+            if tensor is None:
+                raise ModelLoadError(f"the checkpoint lacks the weight '{name}'")
+            return tensor
+
+        def maybe_fused(names: list[str]) -> torch.Tensor | None:
+            parts = [maybe(n) for n in names]
+            present = [p for p in parts if p is not None]
+            if not present:
+                return None
+            if len(present) < len(parts):
                 raise ModelLoadError(f"the checkpoint has only some of {', '.join(names)}")
-            return torch.cat(parts, dim=0).contiguous()
+            return torch.cat(present, dim=0).contiguous()
+
+        def fused(names: list[str]) -> torch.Tensor:
+            tensor = maybe_fused(names)
+            if tensor is None:
+                raise ModelLoadError(f"the checkpoint lacks the weight '{names[0]}'")
+            return tensor
 
         embed = take("model.embed_tokens.weight")
         if embed.shape[0] != config.vocab_size or embed.shape[1] != config.hidden_size:
@@ -198,20 +207,20 @@ class Decoder:
             layers.append(LayerWeights(
                 input_norm=take(f"{p}input_layernorm.weight"),
                 qkv=qkv,
-                qkv_bias=fused([f"{n}.bias" for n in attn], optional=True),
+                qkv_bias=maybe_fused([f"{n}.bias" for n in attn]),
                 o=take(f"{p}self_attn.o_proj.weight"),
-                o_bias=take(f"{p}self_attn.o_proj.bias", optional=True),
+                o_bias=maybe(f"{p}self_attn.o_proj.bias"),
                 post_norm=take(f"{p}post_attention_layernorm.weight"),
                 gate_up=fused([f"{n}.weight" for n in mlp]),
-                gate_up_bias=fused([f"{n}.bias" for n in mlp], optional=True),
+                gate_up_bias=maybe_fused([f"{n}.bias" for n in mlp]),
                 down=take(f"{p}mlp.down_proj.weight"),
-                down_bias=take(f"{p}mlp.down_proj.bias", optional=True),
+                down_bias=maybe(f"{p}mlp.down_proj.bias"),
             ))
         for layer in layers:
             for name in ("qkv", "o", "gate_up", "down"):
                 setattr(layer, name, pack_linear_weight(getattr(layer, name)))
         norm = take("model.norm.weight")
-        lm_head = take("lm_head.weight", optional=config.tie_word_embeddings)
+        lm_head = maybe("lm_head.weight") if config.tie_word_embeddings else take("lm_head.weight")
         # a tied head stays the embedding itself: a packed copy would double its memory
         lm_head = embed if lm_head is None else pack_linear_weight(lm_head)
         return cls(config, embed, layers, norm, lm_head, max_len)

@@ -4,9 +4,10 @@
         --option max_num_seqs=32 --option threads=2
 
 Inputs, outputs and parameters follow the LLM contract (runtimes/llm/CONTRACT.md):
-`text_input` (BYTES [1], a prompt) or `messages` (BYTES [1], JSON chat messages rendered
-with the checkpoint's chat template), optional `sampling_parameters` (BYTES [1], a JSON
-object); sampling parameters in the request's parameters too (those win). Outputs
+`text_input` (BYTES [1], a prompt) or `messages` (BYTES [1], JSON chat messages with the
+roles system, developer, user or assistant, rendered with the checkpoint's chat template),
+optional `sampling_parameters` (BYTES [1], a JSON object); sampling parameters in the
+request's parameters too (those win). Outputs
 `text_output` (BYTES [1]), `token_ids` (INT64 [n]) and `logprobs` (FP32 [n] when asked,
 else [0]). ModelInfer answers the whole text; ModelStreamInfer one response per chunk of
 tokens. The last response (and the ModelInfer response) carries the parameters
@@ -30,6 +31,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from modelgw.chat import MessageError, check_messages
 from modelgw.runtimes.errors import InferenceError, InvalidInput, ModelLoadError, ModelNotReady
 from modelgw.runtimes.model import Model, Tensors, TensorSpec
 
@@ -185,28 +187,16 @@ def _text_bytes(inputs: Tensors) -> int:
 
 
 def _parse_messages(text: str) -> list[dict[str, Any]]:
+    """The `messages` input, checked as the gateway checks it (modelgw.chat): roles the
+    chat template renders (developer as system), text content."""
     try:
         messages = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"input 'messages' is not JSON: {exc}") from None
-    if not isinstance(messages, list) or not messages:
-        raise InvalidInput("input 'messages' must be a non-empty JSON array of {\"role\", \"content\"} objects")
-    cleaned = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise InvalidInput(f"messages[{i}] must be an object with a string 'role'")
-        content = message.get("content")
-        if isinstance(content, list):  # OpenAI content parts: the text ones, joined
-            texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
-                raise InvalidInput(f"messages[{i}].content: only text parts are supported")
-            content = "".join(texts)
-        if content is None:
-            content = ""
-        if not isinstance(content, str):
-            raise InvalidInput(f"messages[{i}].content must be a string or a list of text parts")
-        cleaned.append({**message, "content": content})
-    return cleaned
+    try:
+        return check_messages(messages)
+    except MessageError as exc:
+        raise InvalidInput(f"input 'messages': {exc}") from None
 
 
 # -- the Model -------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
     params = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=64, stop=("\\n\\n",))
     params.check()                                 # ValueError naming the bad parameter
-    result = Sampler().sample(logits, [params, ...], [generator, ...])
+    result = Sampler().sample(logits, [params, ...], [generator, ...])   # the runner's, per step
 
 Greedy (temperature 0) rows take the argmax. Other rows are scaled by their temperature,
 cut to their top_k and top_p (all rows at once, one sort), and drawn with the
@@ -10,6 +10,9 @@ exponential race (argmax of p / E, E ~ Exp(1)), which samples exactly from p and
 every row draw from its own torch.Generator: a seeded request gets the same tokens
 whatever else shares its batch. Log-probabilities are those of the model's raw
 distribution (before temperature and cuts), for rows that ask for them.
+
+The runner samples (runner.py says why); the SampleResult it returns is plain data, one
+entry per sampled row, which the scheduler applies (scheduler.update_from_output).
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ class SamplingParams:
 
 @dataclass
 class SampleResult:
+    """A step's new tokens: row i is the step's i-th `sample` row."""
+
     token_ids: list[int]
     logprobs: list[float | None]                     # the chosen token's, per row (None: not asked)
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
@@ -83,12 +88,12 @@ class Sampler:
             lp = torch.log_softmax(logits[wanted], dim=-1)
             picked = lp.gather(1, chosen[wanted].unsqueeze(1)).squeeze(1).tolist()
             k = max(params[i].logprobs for i in wanted)
-            values, indices = lp.topk(k, dim=-1)
-            values, indices = values.tolist(), indices.tolist()
+            top_values, top_indices = lp.topk(k, dim=-1)
+            values, indices = top_values.tolist(), top_indices.tolist()
             for j, i in enumerate(wanted):
                 logprobs[i] = picked[j]
                 n = params[i].logprobs
-                top[i] = list(zip(indices[j][:n], values[j][:n]))
+                top[i] = list(zip(indices[j][:n], values[j][:n], strict=True))
         return SampleResult(token_ids, logprobs, top)
 
     @staticmethod

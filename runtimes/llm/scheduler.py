@@ -1,11 +1,22 @@
-"""Continuous batching: which sequences run in the next step, with how many tokens.
+"""Continuous batching, and every change of a request's state.
 
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=512), pool)
-    scheduler.add(sequence)                 # queues (FIFO)
-    step = scheduler.schedule()             # at every step boundary
-    ... run the model on step.work, sample step.sampling ...
-    scheduler.finish(sequence, "stop")      # leaves at once; its cache blocks are free again
-    scheduler.abort("request-id")           # cancellation, at any time between steps
+    scheduler.add(sequence)                                  # queues (FIFO)
+    step = scheduler.schedule()                              # plain data: what to compute
+    result = runner.execute(step)                            # tensors: the sampled tokens
+    outputs = scheduler.update_from_output(step, result)     # RequestOutputs of this step
+    scheduler.abort("request-id")                            # cancellation, between steps
+
+This is vLLM v1's engine loop: the scheduler decides, the runner computes, and the
+scheduler applies the result: tokens computed and appended, stop token ids, stop strings
+(through the sequence's TextStream), max_tokens, finishing and freeing the cache blocks,
+and the outputs. Nothing else changes a Sequence.
+
+What goes to the runner is a ScheduledStep of plain data (ids, token ids, positions,
+block ids, sampling parameters), never a Sequence, so a runner may live in another
+process or be another engine (TensorRT). The runner keeps its own per-request state:
+requests admitted in a step come in `new_requests` (their blocks and sampling
+parameters), requests that left since the last step in `finished_ids`.
 
 Every step has a token budget (max_num_batched_tokens). Running sequences come first:
 each decoding sequence takes one token, then sequences still in their prompt take a chunk
@@ -14,8 +25,6 @@ decoders). Then waiting sequences are admitted in arrival order while the batch 
 (max_num_seqs), the budget lasts and the cache has blocks for their prompt + max_tokens.
 Admission is strictly FIFO: when the oldest waiting request does not fit, the ones behind
 it wait too, so a big request cannot be starved by a stream of small ones.
-
-The scheduler knows nothing about tensors: the model runner turns a step into them.
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from modelgw.runtimes.llm.kv_cache import BlockPool
-from modelgw.runtimes.llm.sequence import Sequence, Status
+from modelgw.runtimes.llm.sampling import SampleResult, SamplingParams
+from modelgw.runtimes.llm.sequence import RequestOutput, Sequence, Status
 
 
 @dataclass(frozen=True)
@@ -43,27 +53,51 @@ class SchedulerConfig:
             )
 
 
-@dataclass
-class ScheduledStep:
-    """One step's work: (sequence, new tokens) with one-token rows first (the model's
-    'single' rows), then multi-token chunks."""
+@dataclass(frozen=True, slots=True)
+class ScheduledRow:
+    """One request's share of a step: tokens at positions start..start+len(token_ids)-1."""
 
-    work: list[tuple[Sequence, int]] = field(default_factory=list)
-    num_single: int = 0
-
-    @property
-    def empty(self) -> bool:
-        return not self.work
+    request_id: str
+    token_ids: list[int]
+    start: int          # tokens of this request already in the cache
+    sample: bool        # its last token completes the request's tokens: sample the next one
 
     @property
     def num_tokens(self) -> int:
-        return sum(n for _, n in self.work)
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class NewRequest:
+    """A request admitted in this step: what the runner keeps until it finishes."""
+
+    request_id: str
+    block_ids: list[int]        # its cache blocks, held from admission to finish
+    params: SamplingParams
+
+
+@dataclass
+class ScheduledStep:
+    """One step's work, plain data: one-token rows first (the model's 'single' rows), then
+    multi-token chunks. The sampled tokens come back one per `sample` row, in row order."""
+
+    rows: list[ScheduledRow] = field(default_factory=list)
+    num_single: int = 0
+    new_requests: list[NewRequest] = field(default_factory=list)
+    finished_ids: list[str] = field(default_factory=list)   # left since the last step
 
     @property
-    def sampling(self) -> list[Sequence]:
-        """Sequences that will have computed all their tokens after this step: they get a
-        new token sampled (in the order of `work`)."""
-        return [seq for seq, n in self.work if seq.num_computed + n == seq.num_tokens]
+    def empty(self) -> bool:
+        return not self.rows
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(row.num_tokens for row in self.rows)
+
+    @property
+    def sampling_ids(self) -> list[str]:
+        """The requests that get a new token from this step, in the order of the results."""
+        return [row.request_id for row in self.rows if row.sample]
 
 
 class QueueFull(Exception):
@@ -78,6 +112,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []   # in admission order
         self._by_id: dict[str, Sequence] = {}
+        self._finished_ids: list[str] = []  # admitted requests that left: the runner forgets them
 
     # -- requests in and out
 
@@ -98,25 +133,37 @@ class Scheduler:
     def get(self, request_id: str) -> Sequence | None:
         return self._by_id.get(request_id)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request wherever it is; its final output (None if unknown or done)."""
+        seq = self._by_id.get(request_id)
+        if seq is None:
+            return None
+        self._finish(seq, "cancelled")
+        return seq.take_output(with_final_text=False)
+
+    def abort_all(self, reason: str = "cancelled") -> list[RequestOutput]:
+        """End every request (after a failed step, or at shutdown) with `reason`."""
+        outputs = []
+        for seq in [*self.running, *self.waiting]:
+            self._finish(seq, reason)
+            output = seq.take_output(with_final_text=False)
+            if output is not None:
+                outputs.append(output)
+        return outputs
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
         """Take a sequence out of the batch (or the queue) and free its cache blocks."""
         if seq.status is Status.FINISHED:
             return
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
+            self._finished_ids.append(seq.request_id)
         else:
             self.waiting.remove(seq)
         self.pool.free(seq.blocks)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         self._by_id.pop(seq.request_id, None)
-
-    def abort(self, request_id: str) -> Sequence | None:
-        """Cancel a request wherever it is; returns it (None if unknown or done)."""
-        seq = self._by_id.get(request_id)
-        if seq is not None:
-            self.finish(seq, "cancelled")
-        return seq
 
     # -- figures
 
@@ -135,18 +182,19 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep:
         budget = self.config.max_num_batched_tokens
-        singles: list[tuple[Sequence, int]] = []
-        chunks: list[tuple[Sequence, int]] = []
+        singles: list[ScheduledRow] = []
+        chunks: list[ScheduledRow] = []
+        new_requests: list[NewRequest] = []
         # decoders first (one token each), then sequences part-way through their prompt
         for seq in self.running:
             if seq.num_tokens - seq.num_computed == 1 and budget:
-                singles.append((seq, 1))
+                singles.append(self._row(seq, 1))
                 budget -= 1
         for seq in self.running:
             remaining = seq.num_tokens - seq.num_computed
             if remaining > 1 and budget:
                 n = min(remaining, budget)
-                (singles if n == 1 else chunks).append((seq, n))
+                (singles if n == 1 else chunks).append(self._row(seq, n))
                 budget -= n
         # admissions, oldest first, while there is room in the batch, the budget and the cache
         while self.waiting and budget and len(self.running) < self.config.max_num_seqs:
@@ -158,7 +206,46 @@ class Scheduler:
             seq.blocks = blocks
             seq.status = Status.RUNNING
             self.running.append(seq)
+            new_requests.append(NewRequest(seq.request_id, list(blocks), seq.params))
             n = min(len(seq.prompt_ids), budget)
-            (singles if n == 1 else chunks).append((seq, n))
+            (singles if n == 1 else chunks).append(self._row(seq, n))
             budget -= n
-        return ScheduledStep(work=singles + chunks, num_single=len(singles))
+        finished_ids, self._finished_ids = self._finished_ids, []
+        return ScheduledStep(singles + chunks, len(singles), new_requests, finished_ids)
+
+    @staticmethod
+    def _row(seq: Sequence, n: int) -> ScheduledRow:
+        start = seq.num_computed
+        return ScheduledRow(seq.request_id, seq.tokens(start, n), start, start + n == seq.num_tokens)
+
+    def update_from_output(self, step: ScheduledStep, result: SampleResult) -> list[RequestOutput]:
+        """Apply a step's result: its tokens are in the cache now, each `sample` row's request
+        gets its new token (result rows in row order), stops end requests; the outputs."""
+        by_id = self._by_id
+        for row in step.rows:
+            by_id[row.request_id].num_computed += row.num_tokens
+        outputs = []
+        for i, request_id in enumerate(step.sampling_ids):
+            seq = by_id[request_id]
+            token = result.token_ids[i]
+            seq.output_ids.append(token)
+            seq.pending_ids.append(token)
+            logprob = result.logprobs[i]
+            if logprob is not None:
+                seq.pending_logprobs.append(logprob)
+                seq.pending_top.append(result.top_logprobs[i] or [])
+            reason = None
+            if token in seq.stop_ids:
+                reason = "stop"  # eos / stop token: not part of the text
+            else:
+                seq.text.add(token)
+                if seq.text.stopped:
+                    reason = "stop"
+                elif len(seq.output_ids) >= seq.params.max_tokens:
+                    reason = "length"
+            if reason is not None:
+                self._finish(seq, reason)
+            output = seq.take_output()
+            if output is not None:
+                outputs.append(output)
+        return outputs
