@@ -116,15 +116,26 @@ def _abort_args(error: BaseException, method: str) -> tuple[grpc.StatusCode, str
 _PASS_THROUGH = (grpc.aio.AbortError,)
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns what a handler raises into its gRPC status: an error's `code` attribute, an
-    upstream call's status, else INTERNAL (logged with its traceback); messages bounded.
+Behaviour = Callable[[Any, grpc.aio.ServicerContext], Any]
+UnaryWrapper = Callable[[Behaviour, str], Behaviour]
 
-    For grpc.aio the handler's behaviour itself is wrapped (intercept_service only finds
-    the handler); wrapped handlers are kept per method, so a call costs one extra frame."""
 
-    def __init__(self) -> None:
+class BehaviourInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that wraps the behaviour of the handlers whose method starts
+    with `prefix` (all by default): grpc.aio's intercept_service only finds a handler, so
+    acting before a call or on what it raises means wrapping its behaviour. Subclasses say
+    how, in wrap_unary (one response) and wrap_stream (streamed responses). Wrapped
+    handlers are kept per method, so a call costs one extra frame."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self._prefix = prefix
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def wrap_unary(self, behaviour: Behaviour, method: str) -> Behaviour:
+        raise NotImplementedError
+
+    def wrap_stream(self, behaviour: Behaviour, method: str) -> Behaviour:
+        raise NotImplementedError
 
     async def intercept_service(
         self,
@@ -132,19 +143,24 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
         method = handler_call_details.method
+        if handler is None or not method.startswith(self._prefix):
+            return handler
         cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = wrap_handler(handler, method, _unary_guard, _stream_guard)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        if cached is None or cached[0] is not handler:
+            cached = self._wrapped[method] = (handler, wrap_handler(handler, method, self.wrap_unary, self.wrap_stream))
+        return cached[1]
 
 
-Behaviour = Callable[[Any, grpc.aio.ServicerContext], Any]
-UnaryWrapper = Callable[[Behaviour, str], Behaviour]
+class ErrorInterceptor(BehaviourInterceptor):
+    """Turns what a handler raises into its gRPC status: an error's `code` attribute, an
+    upstream call's status, else INTERNAL (logged with its traceback); messages bounded."""
+
+    def wrap_unary(self, behaviour: Behaviour, method: str) -> Behaviour:
+        return _unary_guard(behaviour, method)
+
+    def wrap_stream(self, behaviour: Behaviour, method: str) -> Behaviour:
+        return _stream_guard(behaviour, method)
 
 
 def wrap_handler(handler: Any, method: str, unary: UnaryWrapper, stream: UnaryWrapper) -> Any:

@@ -25,7 +25,7 @@ import grpc
 from aiohttp import web
 from prometheus_client import Counter, Gauge
 
-from modelgw.errors import responses_of, wrap_handler
+from modelgw.errors import Behaviour, BehaviourInterceptor, responses_of
 from modelgw.gateway import metrics
 from modelgw.gateway.auth.config import AuthConfig, check_auth_choice
 from modelgw.gateway.auth.keys import IssuerKeys
@@ -301,31 +301,16 @@ REGISTRY_SERVICE = rpb.DESCRIPTOR.services_by_name["RegistryService"].full_name
 AdminCheck = Callable[[grpc.aio.ServicerContext, str], Awaitable[None]]
 
 
-class AdminScopeGuard(grpc.aio.ServerInterceptor):
+class AdminScopeGuard(BehaviourInterceptor):
     """Every RPC of one service (the RegistryService) behind `check`, streams included.
     A refusal is raised from the handler: install it inside modelgw.errors.ErrorInterceptor
     (after it in `interceptors=`), which answers with the refusal's status."""
 
     def __init__(self, check: AdminCheck, service: str = REGISTRY_SERVICE) -> None:
+        super().__init__(f"/{service}/")
         self.check = check
-        self._prefix = f"/{service}/"
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith(self._prefix):
-            return handler
-        cached = self._wrapped.get(method)
-        if cached is None or cached[0] is not handler:
-            cached = self._wrapped[method] = (handler, wrap_handler(handler, method, self._unary, self._stream))
-        return cached[1]
-
-    def _unary(self, behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
+    def wrap_unary(self, behaviour: Behaviour, method: str) -> Behaviour:
         name = method.rpartition("/")[2]
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -334,7 +319,7 @@ class AdminScopeGuard(grpc.aio.ServerInterceptor):
 
         return guarded
 
-    def _stream(self, behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
+    def wrap_stream(self, behaviour: Behaviour, method: str) -> Behaviour:
         name = method.rpartition("/")[2]
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
