@@ -98,7 +98,7 @@ def gateway(label: str, etcd: str, workdir: Path, *auth: str) -> tuple[Server, i
     argv = [
         sys.executable, "-m", "modelgw", "--log-level", "WARNING", "gateway", "--etcd", etcd, "--prefix", PREFIX,
         "--host", "127.0.0.1", "--grpc-port", str(port), "--http-port", str(http_port), *auth,
-    ]  # fmt: skip
+    ]
     return Server(label, argv, port, workdir / f"{label}.log", thread_env(1)), http_port
 
 
@@ -152,7 +152,7 @@ def signature_checks(http_port: int) -> str:
 
 def print_table(results: dict[tuple[str, int], Result], levels: list[int]) -> None:
     header = (f"{'conc':>4} | {'off req/s':>9} {'p50 ms':>7} {'p99 ms':>7} | {'on req/s':>9} {'p50 ms':>7} "
-              f"{'p99 ms':>7} | {'on/off':>6} {'added p50':>9}")  # fmt: skip
+              f"{'p99 ms':>7} | {'on/off':>6} {'added p50':>9}")
     print(header)
     print("-" * len(header))
     for n in levels:
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             runtime = runtime_server(etcd.endpoint, args, workdir)
             off, _ = gateway("auth-off", etcd.endpoint, workdir, "--insecure-no-auth")
             on, on_http = gateway("auth-on", etcd.endpoint, workdir, "--issuer", issuer.state.issuer,
-                                  "--audience", issuer.state.audience)  # fmt: skip
+                                  "--audience", issuer.state.audience)
             for server in (runtime, off, on):
                 stack.callback(server.stop)
                 server.start()
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print_table(results, levels)
             print(f"signatures checked by the auth-on gateway: {signature_checks(on_http)} "
-                  "(everything else answered by the verified-token cache)")  # fmt: skip
+                  "(everything else answered by the verified-token cache)")
     finally:
         if not args.keep_logs:
             shutil.rmtree(workdir, ignore_errors=True)

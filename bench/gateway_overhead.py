@@ -83,7 +83,7 @@ def runtime_server(etcd: str, args: argparse.Namespace, workdir: Path) -> Server
         sys.executable, "-m", "modelgw", "runtime", "serve", "--kind", "pytorch",
         "--registry", etcd, "--prefix", PREFIX, "--runtime", RUNTIME,
         "--host", "127.0.0.1", "--port", str(port), "--option", f"threads={args.torch_threads}",
-    ]  # fmt: skip
+    ]
     return Server("direct", argv, port, workdir / "runtime.log", thread_env(args.torch_threads))
 
 
@@ -93,7 +93,7 @@ def gateway_server(etcd: str, workdir: Path) -> Server:
         sys.executable, "-m", "modelgw", "--log-level", "WARNING", "gateway", "--etcd", etcd, "--prefix", PREFIX,
         "--host", "127.0.0.1", "--grpc-port", str(port), "--http-port", str(free_port()),
         "--insecure-no-auth",  # the hop itself is measured; token checks would be extra
-    ]  # fmt: skip
+    ]
     return Server("gateway", argv, port, workdir / "gateway.log", thread_env(1))
 
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None
     )
     print(f"command: {shlex.join([sys.executable, *sys.argv])}; grpcio {grpc.__version__}; "
-          f"nginx: {nginx or 'not installed (skipped)'}", flush=True)  # fmt: skip
+          f"nginx: {nginx or 'not installed (skipped)'}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="modelgw-gateway-bench-"))
     try:
         with contextlib.ExitStack() as stack:

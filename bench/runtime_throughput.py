@@ -200,7 +200,7 @@ def modelgw_server(model: Path, args: argparse.Namespace, workdir: Path) -> Serv
         "--port", str(port),
         "--option", f"threads={args.torch_threads}",
         *args.modelgw_arg,
-    ]  # fmt: skip
+    ]
     return Server("modelgw", argv, port, workdir / "modelgw.log", thread_env(args.torch_threads))
 
 
@@ -214,7 +214,7 @@ def kserve_server(model: Path, args: argparse.Namespace, workdir: Path) -> Serve
         "--http-port", str(free_port()),
         "--torch-threads", str(args.torch_threads),
         "--output-name", OUTPUT,
-    ]  # fmt: skip
+    ]
     return Server("kserve", argv, port, workdir / "kserve.log", thread_env(args.torch_threads))
 
 
@@ -389,11 +389,11 @@ async def profile(
             [py_spy, "record", "--pid", str(server.process.pid), "--duration", str(seconds),
              "--rate", "250", "--gil", "--native", "--format", "raw", "--output", str(collapsed)],
             stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        )
         latencies, elapsed, _ = await drive(server.port, payload, concurrency, seconds + 1, 10**9)
         spy.wait(timeout=60)
     print(f"\nprofile of {server.label} at concurrency {concurrency} under py-spy "
-          f"({len(latencies) / elapsed:.0f} req/s while sampled): {collapsed}")  # fmt: skip
+          f"({len(latencies) / elapsed:.0f} req/s while sampled): {collapsed}")
     if collapsed.exists():
         report = summarize_profile(collapsed)
         (out_dir / "summary.txt").write_text(report + "\n")

@@ -133,7 +133,7 @@ class Gateway:
         self._http = HttpRunner(
             app, max_header_bytes=self.config.auth.max_header_bytes,  # the token limit decides, as on gRPC
             access_log=None, handle_signals=False, shutdown_timeout=self.config.drain_seconds,
-        )  # fmt: skip
+        )
         await self._http.setup()
         site = web.TCPSite(self._http, self.config.host, self.config.http_port, reuse_port=False)
         await site.start()
@@ -142,7 +142,7 @@ class Gateway:
         log.info(
             "gateway listening: gRPC %s:%d, HTTP %s:%d; registry etcd %s prefix %s",
             self.config.host, self.grpc_port, self.config.host, self.http_port, self.config.etcd, self.config.prefix,
-        )  # fmt: skip
+        )
 
     async def wait_synced(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self.view.synced.wait(), timeout)

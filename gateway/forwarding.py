@@ -26,7 +26,7 @@ from modelgw.oip.protocol import (
     REQUEST_ID_HEADER,
     SUBJECT_HEADER,
     TIMEOUT_HEADER,
-)  # fmt: skip
+)
 
 if TYPE_CHECKING:
     from modelgw.gateway.routing import ModelRoute

@@ -179,7 +179,7 @@ class InferenceFrontend:
                 stream = streams[key] = self.proxy.stream(
                     model, version, metadata=metadata, sticky_key=sticky, timeout=grpc_timeout(context),
                     protocol="grpc-stream",
-                )  # fmt: skip
+                )
                 readers.append(asyncio.create_task(read_upstream(stream)))
             return stream
 

@@ -192,7 +192,7 @@ class RoutingTable:
                     log.info(
                         "replica %s (%s): its record is gone but it answers; still routed to for up to %.0fs",
                         key, replica.address, self.orphan_grace,
-                    )  # fmt: skip
+                    )
                     self._orphans[key] = (last, now + self.orphan_grace)
             for key in [k for k in self._orphans if k in endpoints]:
                 del self._orphans[key]

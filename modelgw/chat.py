@@ -54,12 +54,12 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
                 f"messages[{i}].role '{role}' is not supported: the runtime does not call tools, so there are "
                 f"no tool results to send; roles: {', '.join(TEMPLATE_ROLES)}",
                 f"messages[{i}].role", "unsupported_value",
-            )  # fmt: skip
+            )
         if role not in TEMPLATE_ROLES:
             raise MessageError(
                 f"messages[{i}].role must be one of {', '.join(TEMPLATE_ROLES)}, got {role[:40]!r}",
                 f"messages[{i}].role", "invalid_value",
-            )  # fmt: skip
+            )
         checked.append({**message, "role": TEMPLATE_ROLES[role], "content": _text(message.get("content"), i)})
     return checked
 

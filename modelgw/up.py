@@ -353,7 +353,7 @@ def _up(args: argparse.Namespace) -> int:
             _check_ports(ports)
         state = {"pid": os.getpid(), "data_dir": str(data_dir), "etcd": endpoint,
                  "etcd_pid": etcd_server.pid if etcd_server else None,
-                 "http": f"{args.host}:{args.http_port}", "grpc": f"{args.host}:{args.grpc_port}"}  # fmt: skip
+                 "http": f"{args.host}:{args.http_port}", "grpc": f"{args.host}:{args.grpc_port}"}
         state_path.write_text(json.dumps(state))
         remember_data_dir(data_dir)
         return asyncio.run(_serve(args, data_dir, endpoint))

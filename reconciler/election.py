@@ -94,7 +94,7 @@ class LeaderElection:
                 log.warning(
                     "%s: the lease of the %s leadership expired (etcd was out of reach); campaigning again",
                     self.identity, self.name,
-                )  # fmt: skip
+                )
             try:
                 if await self.store.campaign(self.identity, await self._live_lease(), self.name):
                     if not lease.alive:

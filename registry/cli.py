@@ -44,7 +44,7 @@ RESOURCES = {
     "model": "Model", "models": "Model", "mo": "Model",
     "runtime": "Runtime", "runtimes": "Runtime", "rt": "Runtime",
     "endpoint": "Endpoint", "endpoints": "Endpoint", "ep": "Endpoint",
-}  # fmt: skip
+}
 OUTCOMES = {rpb.CREATED: "created", rpb.UPDATED: "configured", rpb.UNCHANGED: "unchanged"}
 
 
@@ -96,7 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     delete = subparsers.add_parser("delete", parents=[connection], help="delete a model or runtime")
     delete.add_argument("resource", choices=sorted(k for k, v in RESOURCES.items() if v != "Endpoint"),
-                        metavar="model|runtime")  # fmt: skip
+                        metavar="model|runtime")
     delete.add_argument("name")
     delete.add_argument("--force", action="store_true", help="runtimes: delete even while models use it")
     delete.add_argument("--revision", type=int, help="delete only if the record is still at this revision")
@@ -266,7 +266,7 @@ def _model_row(record: rpb.ModelRecord, replicas: dict[str, list[rpb.Endpoint]])
     # one version: its state; several: each one's, named (last column: a reason has spaces)
     state = states[0][1] if len(states) == 1 else "; ".join(f"{v}: {s}" for v, s in states)
     return (spec.name, ",".join(versions) or "-", ",".join(runtimes) or "-", traffic, str(record.revision),
-            state or "-")  # fmt: skip
+            state or "-")
 
 
 def _replicas_by_runtime(endpoints: Iterable[rpb.Endpoint]) -> dict[str, list[rpb.Endpoint]]:

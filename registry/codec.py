@@ -76,11 +76,11 @@ def from_dict(data: Any, cls: type[M], what: str) -> M:
 _INTEGER_TYPES = {
     FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_SINT32,
     FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_SFIXED32, FieldDescriptor.TYPE_SFIXED64,
-}  # fmt: skip
+}
 _UNSIGNED_TYPES = {
     FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_UINT64,
     FieldDescriptor.TYPE_FIXED32, FieldDescriptor.TYPE_FIXED64,
-}  # fmt: skip
+}
 _FLOAT_TYPES = {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT}
 
 

@@ -77,7 +77,7 @@ class LocalEtcd:
             "--initial-cluster-state", "new",
             "--log-level", "error",
             "--logger", "zap",
-        ]  # fmt: skip
+        ]
         env = dict(os.environ, ETCD_UNSUPPORTED_ARCH=os.environ.get("ETCD_UNSUPPORTED_ARCH", ""))
         if self.die_with_parent:
             args, env = tied_to_this_process(args, env)

@@ -102,7 +102,7 @@ class RecordStore:
         written = await conditional_write(
             self.etcd, what, self.keys.model(spec.name), expected_revision, plan,
             reads=[ops.get(self.keys.runtime(n)) for n in names],
-        )  # fmt: skip
+        )
         record = rpb.ModelRecord(spec=spec, revision=written.revision, create_revision=written.create_revision)
         return rpb.ApplyModelResponse(record=record, outcome=_outcome(written.current, written.wrote))
 
@@ -128,7 +128,7 @@ class RecordStore:
         written = await conditional_write(
             self.etcd, f"models/{name}", key, expected_revision, lambda read: Write([ops.delete(key)]),
             must_exist=True, verb="delete",
-        )  # fmt: skip
+        )
         return written.revision
 
     # ------------------------------------------------------------------ runtimes
@@ -160,7 +160,7 @@ class RecordStore:
         written = await conditional_write(
             self.etcd, what, self.keys.runtime(spec.name), expected_revision, plan,
             reads=[ops.get(self.keys.runtime_status(spec.name)), ops.get_prefix(self.keys.models)],
-        )  # fmt: skip
+        )
         record = _runtime_record(spec, written.revision, written.create_revision, status)
         return rpb.ApplyRuntimeResponse(record=record, outcome=_outcome(written.current, written.wrote))
 
@@ -207,7 +207,7 @@ class RecordStore:
         written = await conditional_write(
             self.etcd, what, key, expected_revision, plan,
             reads=[ops.get_prefix(self.keys.models)], must_exist=True, verb="delete",
-        )  # fmt: skip
+        )
         return written.revision
 
     # ------------------------------------------------------------------ runtime status
@@ -228,7 +228,7 @@ class RecordStore:
         written = await conditional_write(
             self.etcd, f"status/runtimes/{status.name}", self.keys.runtime_status(status.name), None, plan,
             reads=[ops.get(runtime_key)],
-        )  # fmt: skip
+        )
         return written.revision
 
     async def get_runtime_status(self, name: str) -> rpb.RuntimeStatus | None:

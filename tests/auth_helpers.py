@@ -248,7 +248,7 @@ class AuthGateway(GatewayProcess):
             "gateway", "--etcd", etcd, "--prefix", prefix, "--host", "127.0.0.1",
             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), *auth_args,
             log=log,
-        )  # fmt: skip
+        )
         try:
             wait_until(self._ready, timeout, f"gateway not ready:\n{self.output()}")
         except BaseException:

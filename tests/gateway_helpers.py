@@ -66,7 +66,7 @@ class GatewayProcess:
             "--insecure-no-auth",  # authentication has tests of its own
             *extra,
             log=log,
-        )  # fmt: skip
+        )
         try:
             wait_until(self._ready, timeout, f"gateway not ready:\n{self.output()}")
         except BaseException:
@@ -113,7 +113,7 @@ class RuntimeReplica:
             "--runtime", runtime, "--instance", self.instance, "--port", "0", "--host", "127.0.0.1",
             "--lease-ttl", str(lease_ttl), *extra,
             log=log,
-        )  # fmt: skip
+        )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

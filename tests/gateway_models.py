@@ -113,7 +113,7 @@ def build_onnx(directory: Path) -> Path:
             helper.make_tensor_value_info("text_out", TensorProto.STRING, ["N"]),
         ],
         initializer=[weight, bias],
-    )  # fmt: skip
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)

@@ -36,7 +36,7 @@ class Process:
             self.popen = subprocess.Popen(
                 [sys.executable, "-m", "modelgw", *args],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
-            )  # fmt: skip
+            )
         self.pid = self.popen.pid
 
     def output(self) -> str:
@@ -86,14 +86,14 @@ class Processes:
             name, "reconcile", "--etcd", etcd, "--prefix", prefix,
             "--identity", name, "--lease-ttl", str(lease_ttl), "--resync-seconds", str(resync),
             "--data-dir", str(self.directory / name),
-        )  # fmt: skip
+        )
 
     def runtime(self, name: str, etcd: str, prefix: str, runtime: str, *extra: str, lease_ttl: int = 3) -> Process:
         """A runtime replica started by hand (no reconciler), registering as `name`."""
         return self.start(
             name, "runtime", "serve", "--kind", "python", "--port", "0", "--registry", etcd, "--prefix", prefix,
             "--runtime", runtime, "--instance", name, "--lease-ttl", str(lease_ttl), *extra,
-        )  # fmt: skip
+        )
 
     def cleanup(self) -> None:
         for process in self.started:
@@ -174,7 +174,7 @@ async def ready_endpoints(store: RegistryStore, runtime: str, model: tuple[str, 
     return {
         name: e for name, e in (await endpoints(store, runtime)).items()
         if e.ready and (model is None or model_states(e).get(model) == "READY")
-    }  # fmt: skip
+    }
 
 
 async def key_info(store: RegistryStore, key: bytes):

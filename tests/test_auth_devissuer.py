@@ -26,7 +26,7 @@ def mint(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         modelgw_command("token", "--data-dir", str(data_dir), *args),
         capture_output=True, text=True, cwd=REPO, timeout=60,
-    )  # fmt: skip
+    )
 
 
 def get_json(url: str) -> dict:
@@ -39,7 +39,7 @@ async def test_modelgw_token_mints_what_was_asked_and_it_verifies_independently(
     await issuer.start()
     try:
         result = mint(tmp_path, "--sub", "alice", "--scope", "modelgw:admin infer:read", "--scope", "extra",
-                      "--group", "ml-team", "--role", "predictor", "--ttl", "120")  # fmt: skip
+                      "--group", "ml-team", "--role", "predictor", "--ttl", "120")
         assert result.returncode == 0, result.stderr
         token = result.stdout.strip()
 

@@ -140,7 +140,7 @@ def rest_infer(setup: Setup, model: str, headers: dict[str, str] | None = None) 
     status, raw, response_headers = http_request(
         "POST", f"{setup.gateway.base}/v2/models/{model}/infer", body.encode(),
         {"Content-Type": "application/json", **(headers or {})},
-    )  # fmt: skip
+    )
     return status, json.loads(raw) if raw else {}, response_headers
 
 
@@ -155,7 +155,7 @@ def registry_cli(setup: Setup, *args: str, env: dict[str, str] | None = None) ->
     return subprocess.run(
         modelgw_command("get", "models", "-o", "json", "--server", setup.gateway.grpc_url, *args),
         capture_output=True, text=True, cwd=REPO, timeout=60, env={**environment, **(env or {})},
-    )  # fmt: skip
+    )
 
 
 # -- valid tokens pass everywhere -----------------------------------------------------------
@@ -239,7 +239,7 @@ def corpus(setup: Setup) -> dict[str, dict[str, str]]:
         "bare token": {"authorization": good},
         "x-api-key header": {"x-api-key": good},
         "empty bearer": {"authorization": "Bearer "},
-    })  # fmt: skip
+    })
     return cases
 
 
@@ -376,7 +376,7 @@ def test_the_verified_subject_reaches_the_runtime_and_a_clients_copy_never_does(
         json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}).encode(),
         {"Content-Type": "application/json", "X-Modelgw-Subject": "mallory",
          "Authorization": setup.bearer(sub="bob")["authorization"]},
-    )  # fmt: skip
+    )
     assert status == 200, raw
     assert json.loads(raw)["outputs"][0]["data"] == ["bob"]
     # anonymous on a public model: no subject at all, and still not the forged one
@@ -491,5 +491,5 @@ def test_an_unauthenticated_rest_request_is_refused_before_its_body_is_read(setu
     status, raw, _ = http_request(
         "POST", f"{setup.gateway.base}/v2/models/open/infer", b"{this is not json",
         {"Content-Type": "application/json", "Authorization": setup.bearer()["authorization"]},
-    )  # fmt: skip
+    )
     assert status == 400, raw  # authenticated: now the body is read, and found wanting

@@ -34,7 +34,7 @@ def test_one_issuer_from_flags_or_environment() -> None:
     assert config.admin_scope == "modelgw:admin" and config.max_token_bytes == 8192
 
     env = {"MODELGW_ISSUER": "https://env.example.com", "MODELGW_AUDIENCE": "x, y", "MODELGW_ALGORITHMS": "ES256",
-           "MODELGW_ADMIN_SCOPE": "ops"}  # fmt: skip
+           "MODELGW_ADMIN_SCOPE": "ops"}
     config = load_auth_config(env=env)
     (issuer,) = config.issuers
     assert (issuer.issuer, issuer.audiences, issuer.algorithms) == ("https://env.example.com", ("x", "y"), ("ES256",))
@@ -53,7 +53,7 @@ def test_several_issuers_from_a_yaml_or_json_file(tmp_path: Path) -> None:
             {"issuer": "https://b.example.com/", "audiences": "gw,other", "algorithms": ["HS256"],
              "shared_secret_env": "B_SECRET", "leeway_seconds": 5},
         ],
-    }  # fmt: skip
+    }
     yaml_file = tmp_path / "auth.yaml"
     import yaml
 
@@ -68,7 +68,7 @@ def test_several_issuers_from_a_yaml_or_json_file(tmp_path: Path) -> None:
         assert config.admin_scope == "registry:write" and config.max_token_bytes == 4096
     # a flag issuer is added to the file's
     config = load_auth_config(config_file=str(yaml_file), issuer="https://c.example.com", audiences=["gw"],
-                              env={"B_SECRET": "s" * 32})  # fmt: skip
+                              env={"B_SECRET": "s" * 32})
     assert [i.issuer for i in config.issuers][-1] == "https://c.example.com" and len(config.issuers) == 3
 
 
@@ -94,7 +94,7 @@ def run_gateway(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
     return subprocess.run(
         modelgw_command("gateway", "--etcd", "127.0.0.1:1", "--http-port", "0", "--grpc-port", "0", *args),
         capture_output=True, text=True, cwd=REPO, timeout=60, env={**clean, **(env or {})},
-    )  # fmt: skip
+    )
 
 
 def test_an_in_process_gateway_needs_an_issuer_or_the_explicit_insecure_flag() -> None:
@@ -183,7 +183,7 @@ def test_issuer_unreachable_at_start_then_back_then_gone(fleet: Fleet) -> None:
 
         issuer.start()  # back: the gateway's background retries find it
         wait_until(lambda: admin_status(gateway, issuer.token(key, scope=ADMIN_SCOPE))[0] == 200, 60,
-                   f"tokens still refused after the issuer came back:\n{gateway.output()[-2000:]}")  # fmt: skip
+                   f"tokens still refused after the issuer came back:\n{gateway.output()[-2000:]}")
         assert metric_value(gateway.metrics(), "modelgw_auth_issuer_keys", issuer=issuer.url) == 1
 
         seen = issuer.token(key, scope=ADMIN_SCOPE, sub="seen")

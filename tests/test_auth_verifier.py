@@ -76,7 +76,7 @@ async def test_tokens_of_every_asymmetric_kind_pass_with_their_claims(issuer: Is
             token = issuer.token(
                 key, sub=f"user-{key.alg}", scope="models:read models:write",
                 groups=["ml-team"], realm_access={"roles": ["predictor"]},
-            )  # fmt: skip
+            )
             principal = await auth.verifier.verify(token)
             assert principal.subject == f"user-{key.alg}"
             assert principal.issuer == issuer.url and principal.key_id == key.kid
@@ -89,11 +89,11 @@ async def test_claim_paths_read_lists_strings_and_nested_objects(issuer: Issuer)
     async with door(
         issuer, scope_claims=("scp",), group_claims=("https://example.com/groups",),
         role_claims=("resource_access.modelgw.roles",),
-    ) as auth:  # fmt: skip
+    ) as auth:
         principal = await auth.verifier.verify(issuer.token(
             key, scope="ignored", scp=["a", "b"], **{"https://example.com/groups": ["g"]},
             resource_access={"modelgw": {"roles": ["r1", "r2"]}, "other": {"roles": ["x"]}},
-        ))  # fmt: skip
+        ))
     assert principal.scopes == {"a", "b"} and principal.groups == {"g"} and principal.roles == {"r1", "r2"}
 
 

@@ -41,7 +41,7 @@ async def gateway(etcd_server, etcd_prefix, monkeypatch) -> AsyncIterator[Gatewa
     gateway = Gateway(GatewayConfig(
         etcd=etcd_server.endpoint, prefix=etcd_prefix, host="127.0.0.1", http_port=0, grpc_port=0,
         max_message_bytes=MAX_BODY, insecure_no_auth=True,
-    ))  # fmt: skip
+    ))
     await gateway.start()
     await gateway.wait_synced(30)
     try:
@@ -152,7 +152,7 @@ async def test_over_long_messages_are_cut_in_http_bodies_too(gateway: Gateway) -
 
 
 @pytest.mark.parametrize("path", ["/admin/v1/models", "/admin/v1/runtimes/r", "/v1/chat/completions", "/v1/completions",
-                                  "/v2/models/m/infer"])  # fmt: skip
+                                  "/v2/models/m/infer"])
 async def test_deeply_nested_json_is_400_on_every_route(gateway: Gateway, path: str) -> None:
     method = "PUT" if path.startswith("/admin/v1/runtimes/") else "POST"
     status, answer, _ = await call(gateway, method, path, DEEP)

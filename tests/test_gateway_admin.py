@@ -45,7 +45,7 @@ def setup(etcd_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Set
         status, body = http_json(
             "POST", f"{gateway.base}/admin/v1/runtimes",
             {"kind": "Runtime", "spec": {"name": "py", "kind": "python", "model_formats": ["python"], "replicas": 1}},
-        )  # fmt: skip
+        )
         assert status == 201, body
         replica = fleet.replica("py", "python")  # serves nothing until a model names its runtime
         setup = Setup(fleet, gateway, replica, root)
@@ -94,7 +94,7 @@ def assert_gone(setup: Setup, model: str) -> None:
     wait_until(
         lambda: grpc_code(setup.client, model) == "StatusCode.NOT_FOUND",
         30, f"model '{model}' still routed after its deletion",
-    )  # fmt: skip
+    )
     with pytest.raises(InferenceServerException) as info:
         infer(setup.client, model)
     assert info.value.status() == "StatusCode.NOT_FOUND" and model in info.value.message()
@@ -135,7 +135,7 @@ def test_model_update_through_the_admin_api_adds_a_version(setup: Setup) -> None
     wait_until(
         lambda: infer(setup.client, "grows").get_response().model_version == "2",
         30, "unversioned requests not routed to version 2",
-    )  # fmt: skip
+    )
     assert infer(setup.client, "grows", version="1").get_response().model_version == "1"
     setup.still_the_same_processes()
 
@@ -145,7 +145,7 @@ def test_stale_revision_is_a_conflict(setup: Setup) -> None:
     assert status == 201, created
     revision = int(created["revision"])
     status, body = http_json("PUT", f"{setup.admin}/models/contended", echo_model("contended", ("1", "2")),
-                             headers={"If-Match": f'"{revision}"'})  # fmt: skip
+                             headers={"If-Match": f'"{revision}"'})
     assert status == 200, body
     current = int(body["revision"])
     # a second writer still holding the first revision
@@ -167,7 +167,7 @@ def test_invalid_admin_requests_get_clear_errors(setup: Setup) -> None:
     assert status == 400 and body["problems"], body
     assert any("name" in p for p in body["problems"]) and any("versions" in p for p in body["problems"])
     status, body = http_json("POST", f"{setup.admin}/models", {**echo_model("orphan"), "versions": [
-        {"version": "1", "uri": ECHO, "format": "python", "runtime": "no-such-runtime"}]})  # fmt: skip
+        {"version": "1", "uri": ECHO, "format": "python", "runtime": "no-such-runtime"}]})
     assert status == 400 and "no-such-runtime" in body["error"], body
     status, body = http_json("GET", f"{setup.admin}/models/never-applied")
     assert status == 404 and "never-applied" in body["error"], body
@@ -185,13 +185,13 @@ def test_model_applied_through_the_cli_routes_then_not_found_after_delete(setup:
     )
     server = ["--server", setup.gateway.grpc_url]
     result = subprocess.run(modelgw_command("apply", "-f", str(manifest), *server),
-                            capture_output=True, text=True, cwd=REPO, timeout=60)  # fmt: skip
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "model/via-cli created"
     assert_routable(setup, "via-cli")
 
     result = subprocess.run(modelgw_command("delete", "model", "via-cli", *server),
-                            capture_output=True, text=True, cwd=REPO, timeout=60)  # fmt: skip
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 0, result.stderr
     assert_gone(setup, "via-cli")
     setup.still_the_same_processes()
@@ -205,7 +205,7 @@ def test_body_revision_means_what_it_means_to_the_cli(setup: Setup, tmp_path: Pa
     assert status == 201, created
     first = int(created["revision"])
     got = subprocess.run(modelgw_command("get", "model", "doc-rev", "-o", "json", *server),
-                         capture_output=True, text=True, cwd=REPO, timeout=60)  # fmt: skip
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
     assert got.returncode == 0, got.stderr
     document = json.loads(got.stdout)
     assert document["revision"] == first, document
@@ -223,7 +223,7 @@ def test_body_revision_means_what_it_means_to_the_cli(setup: Setup, tmp_path: Pa
     stale_file = tmp_path / "stale.json"
     stale_file.write_text(json.dumps(stale))
     applied = subprocess.run(modelgw_command("apply", "-f", str(stale_file), *server),
-                             capture_output=True, text=True, cwd=REPO, timeout=60)  # fmt: skip
+                             capture_output=True, text=True, cwd=REPO, timeout=60)
     assert applied.returncode == 1 and f"revision {current}" in applied.stderr, applied
     status, body = http_json("GET", f"{setup.admin}/models/doc-rev")
     assert [v["version"] for v in body["spec"]["versions"]] == ["1", "2"], body

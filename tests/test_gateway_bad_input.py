@@ -107,7 +107,7 @@ REST_CASES = [
         {"name": "\udcff", "datatype": "FP32", "shape": [1], "data": [1]}]}).encode(), 400, ["Unicode"]),
     ("lone surrogate in the id", json.dumps({**GOOD, "id": "\ud800"}).encode(), 400, ["'id'", "Unicode"]),
     ("nesting deeper than any tensor", b'{"inputs": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", 400, ["nested"]),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("case, body, status, fragments", REST_CASES, ids=[c[0] for c in REST_CASES])
@@ -134,7 +134,7 @@ def binary_body(x: np.ndarray, n: np.ndarray, sizes: tuple[int, int] | None = No
     header = json.dumps({"inputs": [
         {"name": "x", "datatype": "FP32", "shape": list(x.shape), "parameters": {"binary_data_size": sizes[0]}},
         {"name": "n", "datatype": "INT64", "shape": list(n.shape), "parameters": {"binary_data_size": sizes[1]}},
-    ]}).encode()  # fmt: skip
+    ]}).encode()
     return header + raw_x + raw_n + tail, len(header)
 
 
@@ -360,7 +360,7 @@ infer_like = st.fixed_dictionaries(
         "parameters": st.dictionaries(st.sampled_from(["binary_data_output", "k"]), json_values, max_size=2),
         "id": st.text(max_size=8) | json_values,
     },
-)  # fmt: skip
+)
 
 
 @st.composite
@@ -373,10 +373,10 @@ def near_good_request(draw: st.DrawFn) -> dict:
     document = {"inputs": [
         {"name": "x", "datatype": "FP32", "shape": [rows_x, 2], "data": x},
         {"name": "n", "datatype": "INT64", "shape": [rows_n], "data": n},
-    ]}  # fmt: skip
+    ]}
     if draw(st.booleans()):
         document["outputs"] = [{"name": o, "parameters": {"binary_data": draw(st.booleans())}} for o in draw(
-            st.lists(st.sampled_from(["y", "m"]), unique=True, max_size=2))]  # fmt: skip
+            st.lists(st.sampled_from(["y", "m"]), unique=True, max_size=2))]
     return document
 
 

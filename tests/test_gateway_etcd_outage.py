@@ -157,7 +157,7 @@ async def test_etcd_outage_under_load(deployment: Deployment, etcd) -> None:
     status, body = await asyncio.to_thread(
         http_json, "POST", f"{gateway.base}/v2/models/after/infer",
         {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [41.0]}]},
-    )  # fmt: skip
+    )
     assert status == 200 and body["outputs"][0]["data"] == [42.0], body
 
 

@@ -98,7 +98,7 @@ async def test_sigkilled_replica_causes_no_client_errors_and_is_dropped(deployme
         await wait_for(
             lambda: metric_value(gateway.metrics(), "modelgw_replicas") == 1,
             LEASE_TTL + 30, "the dead replica never left the routing table",
-        )  # fmt: skip
+        )
         dropped = gateway.metrics()
         served_before_drop = len(load.served_by)
 

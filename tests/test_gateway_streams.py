@@ -82,14 +82,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory, etcd_server) -> Iterator[Sta
         modelgw_command("llm", "make-checkpoint", str(checkpoint), "--layers", "2", "--hidden", "64",
                         "--max-position", str(CONTEXT), "--seed", "7"),
         capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    )
     assert made.returncode == 0, made.stderr
     fleet = Fleet(etcd_server.endpoint, f"/modelgw-test/{uuid.uuid4().hex[:12]}/", root)
     try:
         fleet.apply(runtime_spec(RUNTIME, "llm", [FORMAT]), model_spec(MODEL, RUNTIME, FORMAT, {"1": str(checkpoint)}))
         for _ in range(2):
             fleet.replica(RUNTIME, "llm", "--option", "threads=1", "--option", f"max_num_seqs={2 * PAIRS}",
-                          "--option", f"kv_cache_mb={KV_CACHE_MB}")  # fmt: skip
+                          "--option", f"kv_cache_mb={KV_CACHE_MB}")
         gateway = fleet.gateway()
         wait_model_ready(gateway.grpc_url, MODEL, timeout=180, what=f"(logs in {root})")
         stack = Stack(fleet, gateway)
@@ -127,7 +127,7 @@ async def spread_over_both_replicas(stack: Stack, store: RegistryStore) -> None:
 
     def cancelled() -> float:
         return metric_value(stack.gateway.metrics(), "modelgw_requests_total", model=MODEL, protocol="grpc-stream",
-                            status="CANCELLED")  # fmt: skip
+                            status="CANCELLED")
 
     async def both_ready() -> int | None:
         replicas, revision = await endpoints(store)
@@ -139,7 +139,7 @@ async def spread_over_both_replicas(stack: Stack, store: RegistryStore) -> None:
     await asyncio.to_thread(
         wait_until, lambda: metric_value(stack.gateway.metrics(), "modelgw_registry_revision") >= revision, 30,
         "the gateway has seen both replicas",
-    )  # fmt: skip
+    )
     assert sorted((await loads(store)).values()) == [0, 0]
     cancelled_before = cancelled()
     calls: list[grpc.aio.StreamStreamCall] = []

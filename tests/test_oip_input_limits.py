@@ -73,7 +73,7 @@ def test_rest_shape_with_too_many_dims_is_400_naming_the_tensor(gateway: Gateway
     body = {"inputs": [
         {"name": "x", "datatype": "FP32", "shape": MANY_DIMS, "data": [1.0]},
         {"name": "n", "datatype": "INT64", "shape": [2], "data": [5, 6]},
-    ]}  # fmt: skip
+    ]}
     status, answer = post(gateway, json.dumps(body).encode())
     assert status == 400, (status, str(answer)[:300])
     assert_names_x_and_the_limit(answer["error"])
@@ -113,7 +113,7 @@ def test_rest_binary_data_and_json_data_for_one_input_is_400_naming_it(gateway: 
         {"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [[9, 9], [9, 9]],
          "parameters": {"binary_data_size": X.nbytes}},
         {"name": "n", "datatype": "INT64", "shape": [2], "data": [5, 6]},
-    ]}).encode()  # fmt: skip
+    ]}).encode()
     status, answer = post(gateway, header + X.tobytes(), {"Inference-Header-Content-Length": str(len(header))})
     assert status == 400, (status, answer)
     assert "'x'" in answer["error"] and "binary_data_size" in answer["error"] and "'data'" in answer["error"], answer

@@ -45,7 +45,7 @@ SPELLINGS = [
     r"[\"']triton_final_response[\"']", r"[\"']triton_enable_empty_final_response[\"']",
     r"[\"']binary_tensor_data[\"']",
     r"[\"']x-modelgw-(subject|session|timeout)[\"']", r"[\"']x-request-id[\"']", r"[\"']traceparent[\"']",
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("spelling", SPELLINGS)

@@ -31,7 +31,7 @@ from gateway_helpers import (
     runtime_spec,
     wait_model_ready,
     wait_until,
-)  # fmt: skip
+)
 
 from modelgw.protos import registry_pb2 as rpb
 
@@ -88,7 +88,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, etcd_server) -> Iterator[Sta
         modelgw_command("llm", "make-checkpoint", str(checkpoint), "--layers", "2", "--hidden", "64",
                         "--max-position", str(CONTEXT), "--seed", "5"),
         capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    )
     assert made.returncode == 0, made.stderr
     fleet = Fleet(etcd_server.endpoint, f"/modelgw-test/{uuid.uuid4().hex[:12]}/", root)
     try:
@@ -100,7 +100,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, etcd_server) -> Iterator[Sta
             model_spec("classifier", "vision", "onnx", {"1": str(root / "classifier.onnx")}),
         )
         fleet.replica(RUNTIME, "llm", "--option", "threads=1", "--option", "max_num_seqs=8",
-                      "--option", "kv_cache_mb=80")  # 160k tokens: one full-length sequence  # fmt: skip
+                      "--option", "kv_cache_mb=80")  # 160k tokens: one full-length sequence
         gateway = fleet.gateway()
         wait_model_ready(gateway.grpc_url, MODEL, timeout=180, what=f"(logs in {root})")
         yield Stack(fleet, gateway, checkpoint)
@@ -119,7 +119,7 @@ def hf_tokenizer(stack: Stack):
 def post(stack: Stack, path: str, body: dict | bytes, headers: dict | None = None) -> tuple[int, dict]:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     status, answer, _ = http_request("POST", stack.base + path, raw, {"Content-Type": "application/json", **(headers or {})},
-                                     timeout=120)  # fmt: skip
+                                     timeout=120)
     return status, json.loads(answer)
 
 
@@ -157,7 +157,7 @@ def test_chat_completion_streamed_equals_whole(stack: Stack, hf_tokenizer) -> No
     assert choice.finish_reason == ("length" if whole.usage.completion_tokens == 12 else "stop")
 
     stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})  # fmt: skip
+                                            stream_options={"include_usage": True})
     chunks = list(stream)
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -175,7 +175,7 @@ def test_completion_streamed_equals_whole_and_stops_at_max_tokens(stack: Stack, 
     client = stack.client()
     # ignore_eos (an extension, as vLLM names it): the random model must run to max_tokens
     whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0, logprobs=0,
-                                      extra_body={"ignore_eos": True})  # fmt: skip
+                                      extra_body={"ignore_eos": True})
     assert whole.object == "text_completion" and whole.id.startswith("cmpl-")
     (choice,) = whole.choices
     assert choice.finish_reason == "length"
@@ -189,7 +189,7 @@ def test_completion_streamed_equals_whole_and_stops_at_max_tokens(stack: Stack, 
     assert hf_tokenizer.decode(ids, skip_special_tokens=True) == choice.text
 
     chunks = list(client.completions.create(model=MODEL, prompt=[PROMPT], max_tokens=10, temperature=0, stream=True,
-                                            extra_body={"ignore_eos": True}))  # fmt: skip
+                                            extra_body={"ignore_eos": True}))
     assert all(c.object == "text_completion" for c in chunks)
     assert "".join(c.choices[0].text for c in chunks) == choice.text
     assert chunks[-1].choices[0].finish_reason == "length"
@@ -199,15 +199,15 @@ def test_completion_streamed_equals_whole_and_stops_at_max_tokens(stack: Stack, 
 def test_sampling_with_a_seed_is_reproducible_and_stop_strings_end_the_text(stack: Stack) -> None:
     client = stack.client()
     runs = [client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=1.0, top_p=0.9, seed=42,
-                                      extra_body={"top_k": 50, "ignore_eos": True}).choices[0].text for _ in range(2)]  # fmt: skip
+                                      extra_body={"top_k": 50, "ignore_eos": True}).choices[0].text for _ in range(2)]
     assert runs[0] == runs[1] and runs[0]
     full = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0,
-                                     extra_body={"ignore_eos": True}).choices[0]  # fmt: skip
+                                     extra_body={"ignore_eos": True}).choices[0]
     # a stop string from what greedy decoding says (a random model's text has invalid
     # UTF-8 in it too: take a plain character)
     stop = next(c for c in full.text[1:] if c.isascii() and c.isalnum())
     cut = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop],
-                                    extra_body={"ignore_eos": True}).choices[0]  # fmt: skip
+                                    extra_body={"ignore_eos": True}).choices[0]
     assert cut.finish_reason == "stop", (full.text, stop, cut)
     assert cut.text == full.text[: full.text.index(stop)]
 
@@ -217,7 +217,7 @@ def test_sampling_with_a_seed_is_reproducible_and_stop_strings_end_the_text(stac
 
 def test_tritonclient_streams_through_the_gateway(stack: Stack) -> None:
     expected = stack.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0,
-                                                 extra_body={"ignore_eos": True}).choices[0].text  # fmt: skip
+                                                 extra_body={"ignore_eos": True}).choices[0].text
     responses: queue.Queue = queue.Queue()
     client = triton.InferenceServerClient(stack.gateway.grpc_url)
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
@@ -225,7 +225,7 @@ def test_tritonclient_streams_through_the_gateway(stack: Stack) -> None:
         prompt = triton.InferInput("text_input", [1], "BYTES")
         prompt.set_data_from_numpy(np.array([PROMPT.encode()], dtype=object))
         client.async_stream_infer(MODEL, [prompt], request_id="t1", enable_empty_final_response=True,
-                                  parameters={"max_tokens": 12, "temperature": 0, "ignore_eos": True})  # fmt: skip
+                                  parameters={"max_tokens": 12, "temperature": 0, "ignore_eos": True})
         deltas, final = [], None
         while final is None:
             result, error = responses.get(timeout=60)
@@ -251,7 +251,7 @@ def test_a_client_disconnecting_mid_stream_frees_its_cache(stack: Stack) -> None
     stack.wait_load(lambda load: load.running == 0 and load.kv_cache_usage == 0, "the runtime is idle")
     before = metric_value(stack.gateway.metrics(), "modelgw_requests_total", protocol="openai", status="CANCELLED")
     stream = stack.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=LONG, temperature=0,
-                                                    stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+                                                    stream=True, extra_body={"ignore_eos": True})
     try:
         received = [chunk for chunk, _ in zip(stream, range(5), strict=False)]
         assert len(received) == 5
@@ -264,7 +264,7 @@ def test_a_client_disconnecting_mid_stream_frees_its_cache(stack: Stack) -> None
     wait_until(
         lambda: metric_value(stack.gateway.metrics(), "modelgw_requests_total", protocol="openai", status="CANCELLED")
         == before + 1, 10, "the stream counted as cancelled",
-    )  # fmt: skip
+    )
     # and the runtime serves the next request as before; a client leaving is no error
     assert stack.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0).choices[0].text
     assert "Traceback" not in stack.gateway.output() and " ERROR " not in stack.gateway.output()
@@ -290,7 +290,7 @@ def test_a_client_disconnecting_before_the_answer_frees_its_cache(stack: Stack) 
 
 
 def assert_openai_error(status: int, body: dict, expected_status: int, param: str | None = None,
-                        code: str | None = None, kind: str = "invalid_request_error") -> None:  # fmt: skip
+                        code: str | None = None, kind: str = "invalid_request_error") -> None:
     assert status == expected_status, body
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
     error = body["error"]
@@ -380,7 +380,7 @@ def test_bad_requests_raise_the_sdks_errors(stack: Stack) -> None:
 def test_requests_are_counted_like_the_other_routes(stack: Stack) -> None:
     def ok() -> float:
         return metric_value(stack.gateway.metrics(), "modelgw_requests_total", model=MODEL, runtime=RUNTIME,
-                            protocol="openai", status="OK")  # fmt: skip
+                            protocol="openai", status="OK")
 
     before = ok()
     client = stack.client()

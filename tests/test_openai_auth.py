@@ -122,7 +122,7 @@ def test_a_caller_sees_the_llm_models_its_token_may_use(setup: Setup) -> None:
 
 def test_a_token_without_the_models_scope_is_forbidden(setup: Setup) -> None:
     status, answer, _ = call(setup, "POST", "/chat/completions", {"model": "restricted", "messages": MESSAGES},
-                             setup.token())  # fmt: skip
+                             setup.token())
     assert_error(status, answer, 403, "permission_error")
     assert SCOPE in answer["error"]["message"]
     with pytest.raises(openai.PermissionDeniedError):
@@ -134,7 +134,7 @@ def test_authorized_requests_go_on_to_routing(setup: Setup) -> None:
     for model in ("tiny", "restricted"):
         for stream in (False, True):
             status, answer, _ = call(setup, "POST", "/chat/completions",
-                                     {"model": model, "messages": MESSAGES, "stream": stream}, token)  # fmt: skip
+                                     {"model": model, "messages": MESSAGES, "stream": stream}, token)
             # no replica of the runtime is running: the request got past the door
             assert_error(status, answer, 503, "server_error")
             assert "no replica" in answer["error"]["message"]

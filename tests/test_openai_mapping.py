@@ -144,7 +144,7 @@ def test_chat_refusals_name_the_parameter(body: dict, param: str) -> None:
         ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
          "messages[0].content[0]", "unsupported_value", "only text parts"),
     ],
-)  # fmt: skip
+)
 def test_chat_roles_and_parts_the_runtime_cannot_render_are_refused(messages: list, param: str, code: str,
                                                                     says: str) -> None:
     with pytest.raises(InvalidRequest) as caught:

@@ -25,7 +25,7 @@ def runtime(name: str = "py", replicas: int = 2, **fields) -> rpb.RuntimeSpec:
 
 def workload(spec: rpb.RuntimeSpec, replicas: int | None = None, **fields) -> Workload:
     return Workload(runtime=spec.name, spec_hash=spec_hash(spec),
-                    replicas=spec.replicas if replicas is None else replicas, **fields)  # fmt: skip
+                    replicas=spec.replicas if replicas is None else replicas, **fields)
 
 
 def endpoint(instance: str, ready: bool = True, runtime_name: str = "py") -> rpb.Endpoint:
@@ -106,7 +106,7 @@ def test_plan_ensures_on_a_replica_count_or_spec_change() -> None:
 def test_status_of_a_runtime_with_all_replicas_ready() -> None:
     spec = runtime(replicas=2)
     status = runtime_status(spec, workload(spec, running=2, instances=frozenset({"a", "b"})),
-                            [endpoint("a"), endpoint("b")], "local", 42)  # fmt: skip
+                            [endpoint("a"), endpoint("b")], "local", 42)
     assert (status.name, status.replicas_desired, status.replicas_ready) == ("py", 2, 2)
     assert (status.backend, status.observed_revision) == ("local", 42)
     assert conditions(status) == {
@@ -138,7 +138,7 @@ def test_status_without_a_workload_and_with_failures() -> None:
     crashing = workload(spec, running=0, restarts=5, problems=["replica 0 keeps crashing (last exit code 1)"])
     assert conditions(runtime_status(spec, crashing, [], "local", 3))["Degraded"] == (
         "True", "ReplicaFailures", "replica 0 keeps crashing (last exit code 1)",
-    )  # fmt: skip
+    )
 
 
 def test_stamp_keeps_transition_times_of_conditions_that_did_not_flip() -> None:
@@ -149,7 +149,7 @@ def test_stamp_keeps_transition_times_of_conditions_that_did_not_flip() -> None:
     assert all(c.last_transition_time == earlier for c in first.conditions)
 
     second = runtime_status(spec, workload(spec, running=2, instances=frozenset({"a", "b"})),
-                            [endpoint("a"), endpoint("b")], "local", 1)  # fmt: skip
+                            [endpoint("a"), endpoint("b")], "local", 1)
     assert not same_status(first, second)
     stamp(second, first, later)
     times = {c.type: c.last_transition_time.seconds for c in second.conditions}
@@ -157,7 +157,7 @@ def test_stamp_keeps_transition_times_of_conditions_that_did_not_flip() -> None:
     assert second.updated_at == later
 
     again = runtime_status(spec, workload(spec, running=2, instances=frozenset({"a", "b"})),
-                           [endpoint("a"), endpoint("b")], "local", 1)  # fmt: skip
+                           [endpoint("a"), endpoint("b")], "local", 1)
     assert same_status(second, again)  # timestamps aside, nothing changed: no write
 
 

@@ -60,7 +60,7 @@ async def serving(store: RegistryStore, watch: Watch, leader: Process) -> dict[s
     ready = await ready_endpoints(store, "py", ("scale", "1"))
     all_endpoints = await endpoints(store, "py")
     if len(ready) == len(all_endpoints) == REPLICAS and set(ready) == set(processes) \
-            and all(parent_pid(pid) == leader.pid for pid in processes.values()):  # fmt: skip
+            and all(parent_pid(pid) == leader.pid for pid in processes.values()):
         return ready
     return {}
 
@@ -72,7 +72,7 @@ async def test_one_leader_acts_and_a_standby_takes_over(etcd_server, processes: 
     async with RegistryStore(etcd_server.endpoint, prefix=prefix) as store:
         await store.apply_runtime(rpb.RuntimeSpec(name="py", kind="python", model_formats=["python"], replicas=REPLICAS))
         await store.apply_model(rpb.ModelSpec(name="scale", versions=[rpb.ModelVersion(
-            version="1", uri="modelgw.runtimes.examples.scale:Scale", format="python", runtime="py")]))  # fmt: skip
+            version="1", uri="modelgw.runtimes.examples.scale:Scale", format="python", runtime="py")]))
 
         a = processes.reconciler("rec-a", etcd_server.endpoint, prefix, lease_ttl=LEASE_TTL, resync=1.0)
         await until(lambda: store.leader(), "a leader", logs=logs)
@@ -96,13 +96,13 @@ async def test_one_leader_acts_and_a_standby_takes_over(etcd_server, processes: 
         leader.signal(signal.SIGKILL)
         leader.wait(30)
         await until(lambda: not any(pid_alive(p) for p in old_pids) and not watch.replicas(),
-                    "the dead leader's replicas died with it", timeout=30, logs=logs)  # fmt: skip
+                    "the dead leader's replicas died with it", timeout=30, logs=logs)
         for instance in first:  # a clean stop on the death signal (SIGTERM), not a crash
             assert "shutting down" in (processes.directory / "rec-a" / "logs" / f"{instance}.log").read_text()
         # the standby takes over once the leader's lease runs out, and brings the replicas back
         await until(lambda: _leader_is(store, "rec-b"), "rec-b leads", timeout=LEASE_TTL * 10, logs=logs)
         second = await until(lambda: serving(store, watch, standby), "the new leader's replicas serve",
-                             timeout=90, logs=logs)  # fmt: skip
+                             timeout=90, logs=logs)
         assert not set(second) & set(first)
 
         # a clean stop (SIGTERM) of the leader: replicas stopped first, then the leadership
@@ -140,7 +140,7 @@ async def test_a_lapsed_lease_keeps_the_replicas_and_another_leader_takes_them(e
     async with RegistryStore(etcd_server.endpoint, prefix=prefix) as store:
         await store.apply_runtime(rpb.RuntimeSpec(name="py", kind="python", model_formats=["python"], replicas=1))
         await store.apply_model(rpb.ModelSpec(name="scale", versions=[rpb.ModelVersion(
-            version="1", uri="modelgw.runtimes.examples.scale:Scale", format="python", runtime="py")]))  # fmt: skip
+            version="1", uri="modelgw.runtimes.examples.scale:Scale", format="python", runtime="py")]))
         leader = processes.reconciler("rec-a", etcd_server.endpoint, prefix, lease_ttl=LEASE_TTL, resync=1.0)
         watch = Watch(prefix)
 
@@ -168,7 +168,7 @@ async def test_a_lapsed_lease_keeps_the_replicas_and_another_leader_takes_them(e
         intruder = await store.grant_lease(60, keep_alive=False)
         await store.etcd.put(key, b"intruder", intruder)
         await until(lambda: not any(pid_alive(p) for p in before.values()), "rec-a let go of its replicas",
-                    timeout=30, logs=logs)  # fmt: skip
+                    timeout=30, logs=logs)
         await store.etcd.revoke(intruder)  # the intruder goes: rec-a leads and starts a new one
         after = await until(serving_one, "rec-a's new replica serves", timeout=90, logs=logs)
         assert not set(after) & set(before)

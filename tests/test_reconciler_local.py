@@ -60,7 +60,7 @@ class Cluster:
         done = subprocess.run(
             [sys.executable, "-m", "modelgw", *args, "--etcd", self.etcd, "--prefix", self.prefix],
             capture_output=True, text=True, cwd=REPO, timeout=60,
-        )  # fmt: skip
+        )
         assert done.returncode == 0, f"modelgw {' '.join(args)}: {done.stderr}"
         return done.stdout
 
@@ -108,7 +108,7 @@ async def converged(store: RegistryStore, runtime: str, replicas: int, model: tu
     ready = await ready_endpoints(store, runtime, model)
     status = await store.get_runtime_status(runtime)
     if len(eps) == len(ready) == replicas and status is not None and status.replicas_ready == replicas \
-            and status.replicas_desired == replicas:  # fmt: skip
+            and status.replicas_desired == replicas:
         return ready
     return {}
 
@@ -158,13 +158,13 @@ async def test_apply_serve_new_version_scale_and_delete(cluster: Cluster, tmp_pa
     files = tmp_path / "registry.yaml"
 
     out = cluster.apply(files, RUNTIME_YAML.format(name="py", replicas=2) + "---\n"
-                        + MODEL_YAML.format(versions=versions_yaml(models, ["1"])))  # fmt: skip
+                        + MODEL_YAML.format(versions=versions_yaml(models, ["1"])))
     assert "runtime/py created" in out and "model/affine created" in out
 
     async with cluster.store() as store:
         # the reconciler starts 2 replicas; each loads the model and registers as ready
         ready = await until(lambda: converged(store, "py", 2, ("affine", "1")), "2 ready replicas serving affine:1",
-                            timeout=90, logs=cluster.logs)  # fmt: skip
+                            timeout=90, logs=cluster.logs)
         processes = cluster.replicas()
         assert set(processes) == set(ready), (processes, list(ready))
         assert {parent_pid(pid) for pid in processes.values()} == {cluster.reconciler.pid}
@@ -173,14 +173,14 @@ async def test_apply_serve_new_version_scale_and_delete(cluster: Cluster, tmp_pa
         status = await store.get_runtime_status("py")
         assert {c.type: c.status for c in status.conditions} == {
             "Available": "True", "Progressing": "False", "Degraded": "False",
-        }  # fmt: skip
+        }
         assert status.backend == "local"
         assert status.observed_revision == (await store.get_runtime("py")).revision
 
         # a new version: loaded next to the first one by every replica
         cluster.apply(files, MODEL_YAML.format(versions=versions_yaml(models, ["1", "2"])))
         ready = await until(lambda: converged(store, "py", 2, ("affine", "2")), "affine:2 loaded everywhere",
-                            logs=cluster.logs)  # fmt: skip
+                            logs=cluster.logs)
         for endpoint in ready.values():
             assert model_states(endpoint) == {("affine", "1"): "READY", ("affine", "2"): "READY"}
             np.testing.assert_allclose(infer(endpoint, "affine", x, "2"), expected["2"], rtol=1e-5, atol=1e-5)
@@ -242,7 +242,7 @@ spec:
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     async with cluster.store() as store:
         ready = await until(lambda: converged(store, "solo", 1, ("triple", "1")), "solo ready", timeout=90,
-                            logs=cluster.logs)  # fmt: skip
+                            logs=cluster.logs)
         (first,) = ready.values()
         np.testing.assert_array_equal(infer(first, "triple", x), x * 2)
         pid = cluster.replicas()[first.instance]
@@ -256,11 +256,11 @@ spec:
             return await key_info(store, key) is None
 
         await until(record_gone, "the dead replica's endpoint expired with its lease", timeout=LEASE_TTL * 10,
-                    every=0.1, logs=cluster.logs)  # fmt: skip
+                    every=0.1, logs=cluster.logs)
 
         # restarted under a new instance name, loads the model again, and serves
         ready = await until(lambda: converged(store, "solo", 1, ("triple", "1")), "solo restarted and ready",
-                            timeout=90, logs=cluster.logs)  # fmt: skip
+                            timeout=90, logs=cluster.logs)
         (second,) = ready.values()
         assert second.instance != first.instance
         second_pid = cluster.replicas()[second.instance]
@@ -294,7 +294,7 @@ async def test_a_crash_loop_backs_off_shows_as_degraded_and_ends_with_its_runtim
     spec = rpb.RuntimeSpec(name="crashy", kind="python", model_formats=["python"], replicas=1)
     # a custom command that dies at once (named like a replica, so that it can be found)
     spec.command.extend(["{python}", "-c", "import sys, time; time.sleep(0.1); sys.exit(3)",
-                         "serve", "--prefix", "{prefix}", "--instance", "{instance}"])  # fmt: skip
+                         "serve", "--prefix", "{prefix}", "--instance", "{instance}"])
 
     async with cluster.store() as store:
         await store.apply_runtime(spec)
@@ -331,7 +331,7 @@ spec:
 """)
     async with cluster.store() as store:
         await until(lambda: converged(store, "idle", 1, ("idle-scale", "1")), "idle ready", timeout=90,
-                    logs=cluster.logs)  # fmt: skip
+                    logs=cluster.logs)
         status = await store.get_runtime_status("idle")
         assert (status.replicas_desired, status.replicas_ready) == (1, 1)
         assert status.HasField("updated_at")
@@ -383,7 +383,7 @@ def make_torchscript(directory: Path) -> tuple[Path, object]:
         "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
         "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}],
         "max_batch_size": 8,
-    }))  # fmt: skip
+    }))
     return path, module
 
 
@@ -411,7 +411,7 @@ spec:
         expected = module(torch.from_numpy(x)).numpy()
     async with cluster.store() as store:
         ready = await until(lambda: converged(store, "torch", 1, ("tanh", "1")), "torch ready", timeout=120,
-                            logs=cluster.logs)  # fmt: skip
+                            logs=cluster.logs)
         (endpoint,) = ready.values()
         np.testing.assert_allclose(infer(endpoint, "tanh", x), expected, rtol=1e-5, atol=1e-6)
         await delete_runtime(cluster, store, "torch", "tanh")

@@ -90,7 +90,7 @@ async def test_failed_load_is_reported_and_sigterm_deregisters_at_once(etcd_serv
         fixed.versions[0].uri = SCALE
         await store.apply_model(fixed)
         endpoint = await until(lambda: serving(store, "rr-0", ("good", "1"), ("broken", "1")), "broken fixed",
-                               logs=processes.logs)  # fmt: skip
+                               logs=processes.logs)
         assert all(not m.message for m in endpoint.models)
         np.testing.assert_array_equal(infer(endpoint, "broken", X), X * 2)
 
@@ -161,7 +161,7 @@ async def test_survives_an_etcd_outage_longer_than_the_lease_ttl(etcd, processes
         spec.versions.add(version="2", uri=SCALE, format="python", runtime="rr")
         await store.apply_model(spec)
         endpoint = await until(lambda: serving(store, "rr-1", ("scale", "1"), ("scale", "2")), "scale:2 loaded",
-                               logs=processes.logs)  # fmt: skip
+                               logs=processes.logs)
         np.testing.assert_array_equal(infer(endpoint, "scale", X, "2"), X * 2)
         assert runtime.alive() and runtime.output().count("registered under lease") == 1
 

@@ -60,7 +60,7 @@ def server(etcd_server, etcd_prefix, tmp_path):
     process = spawn(
         "registry", "serve", "--etcd", etcd_server.endpoint, "--prefix", etcd_prefix, "--port", str(port),
         log=tmp_path / "serve.log",
-    )  # fmt: skip
+    )
     try:
         wait_for_port("127.0.0.1", port, timeout=30)
         yield ["--server", f"127.0.0.1:{port}"]
@@ -110,7 +110,7 @@ def test_through_the_registry_service(server, direct, tmp_path, etcd_server, etc
         {"kind": "Runtime", "spec": {"name": "torch", "kind": "pytorch", "model_formats": ["torchscript"]}},
         {"kind": "Model", "spec": {"name": "resnet", "versions": [
             {"version": "1", "uri": "/m/1", "format": "torchscript", "runtime": "torch"}]}},
-    ]  # fmt: skip
+    ]
     applied = modelgw("apply", "-f", "-", *server, stdin=json.dumps(documents))
     assert applied.returncode == 0, applied.stderr
     assert applied.stdout.splitlines() == ["runtime/torch created", "model/resnet created"]
@@ -255,7 +255,7 @@ def test_get_models_shows_each_versions_state_from_the_endpoints(direct, tmp_pat
     # it), with a warning naming the record, the field and the path
     assert applied.returncode == 0, applied.stderr
     assert applied.stdout.splitlines() == ["runtime/py created", "model/good created", "model/broken created",
-                                           "model/local created"]  # fmt: skip
+                                           "model/local created"]
     assert applied.stderr.splitlines() == [
         f"warning: stdin#3: models/broken: versions[0].uri: {missing} does not exist on this machine "
         "(applied: it may exist where the runtime runs)"

@@ -169,7 +169,7 @@ def test_any_kind_name_is_accepted_the_runtime_spec_declaring_its_formats():
     tensorflow = runtime(name="tf", kind="tensorflow", model_formats=["savedmodel"])
     assert runtime_problems(tensorflow) == []
     check_model(model(versions=[{"version": "1", "uri": "/m/1", "format": "savedmodel", "runtime": "tf"}]),
-                {"tf": tensorflow})  # fmt: skip
+                {"tf": tensorflow})
     (problem,) = model_problems(
         model(versions=[{"version": "1", "uri": "/m/1", "format": "onnx", "runtime": "tf"}]), {"tf": tensorflow}
     )

@@ -107,7 +107,7 @@ async def test_every_kind_of_the_one_table_reaches_keys_view_and_watch(store):
     await store.put_endpoint(endpoint("torch-0"), lease)
     await store.put_runtime_status(rpb.RuntimeStatus(name="torch", replicas_ready=1))
     names = {Section.RUNTIME: "torch", Section.MODEL: "a", Section.ENDPOINT: "torch/torch-0",
-             Section.RUNTIME_STATUS: "torch"}  # fmt: skip
+             Section.RUNTIME_STATUS: "torch"}
     assert set(names) == {kind.section for kind in KINDS}
     async with RegistryView(store) as view:
         watch = store.watch()

@@ -79,7 +79,7 @@ def run_modelgw(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
     return subprocess.run(
         modelgw_command(*args), capture_output=True, text=True, cwd=REPO, timeout=60,
         env={**os.environ, **(env or {})},
-    )  # fmt: skip
+    )
 
 
 def test_serve_help_lists_the_installed_kinds(site: Path) -> None:

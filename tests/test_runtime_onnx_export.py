@@ -38,7 +38,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Scorer]:
         model, (torch.randn(2, 4), torch.ones(1)), str(path),
         input_names=["x", "scale"], output_names=["probabilities", "total"],
         dynamic_shapes=({0: batch}, None),
-    )  # fmt: skip
+    )
     return path, model
 
 
@@ -51,7 +51,7 @@ def runtime(exported: tuple[Path, Scorer], tmp_path_factory: pytest.TempPathFact
         "--model", f"scorer={path.as_uri()}",
         "--model", f"fromdir={path.parent}",  # the directory: the .onnx beside its weights file
         "--option", "threads=1",
-    )  # fmt: skip
+    )
     yield server
     assert server.stop() == 0, server.output()
 
@@ -60,10 +60,10 @@ def test_metadata_comes_from_the_exported_graph(runtime: Runtime) -> None:
     metadata = runtime.client.get_model_metadata("scorer", as_json=True)
     assert [(t["name"], t["datatype"], t["shape"]) for t in metadata["inputs"]] == [
         ("x", "FP32", ["-1", "4"]), ("scale", "FP32", ["1"])
-    ]  # fmt: skip
+    ]
     assert [(t["name"], t["datatype"], t["shape"]) for t in metadata["outputs"]] == [
         ("probabilities", "FP32", ["-1", "3"]), ("total", "FP32", ["-1"])
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.parametrize("model", ["scorer", "fromdir"])

@@ -32,7 +32,7 @@ def start_up(data_dir: Path, http_port: int, grpc_port: int, log: Path) -> subpr
         [sys.executable, "-m", "modelgw", "up", "--data-dir", str(data_dir),
          "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
         stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-    )  # fmt: skip
+    )
 
 
 def wait_for_line(log: Path, text: str, process: subprocess.Popen, timeout: float = 180) -> None:
@@ -59,7 +59,7 @@ def mint_token(data_dir: Path, *args: str) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "modelgw", "token", "--data-dir", str(data_dir), *args],
         capture_output=True, text=True, cwd=REPO, timeout=60,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -126,7 +126,7 @@ def test_up_serves_the_demo_model_and_keeps_its_registry(tmp_path: Path) -> None
             [sys.executable, "-m", "modelgw", "apply", "-f", str(manifest), "--server", f"127.0.0.1:{grpc_port}",
              "--token", token],
             capture_output=True, text=True, cwd=REPO, timeout=60,
-        )  # fmt: skip
+        )
         assert applied.returncode == 0, applied.stderr
         runtime_pids = [
             pid for pid in children_of(process.pid)
@@ -150,7 +150,7 @@ def test_up_serves_the_demo_model_and_keeps_its_registry(tmp_path: Path) -> None
             [sys.executable, "-m", "modelgw", "get", "models", "-o", "json", "--server", f"127.0.0.1:{grpc_port}"],
             capture_output=True, text=True, cwd=REPO, timeout=60,
             env={**os.environ, "MODELGW_TOKEN": token},  # minted before the restart: still valid
-        )  # fmt: skip
+        )
         assert got.returncode == 0, got.stderr
         listed = json.loads(got.stdout)  # kubectl-style {"kind": "List", "items": [...]}
         assert {"demo", "extra"} <= {item["spec"]["name"] for item in listed["items"]}
@@ -177,14 +177,14 @@ def start_bare_up(data_dir: Path, log: Path, env: dict[str, str], http_port: int
         [sys.executable, "-m", "modelgw", "up", "--no-demo", "--data-dir", str(data_dir),
          "--http-port", str(http_port or free_port()), "--grpc-port", str(grpc_port or free_port())],
         stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True, env=env,
-    )  # fmt: skip
+    )
 
 
 def run_up(data_dir: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "modelgw", "up", "--no-demo", "--data-dir", str(data_dir), *args],
         capture_output=True, text=True, cwd=REPO, timeout=120, env=env,
-    )  # fmt: skip
+    )
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -218,12 +218,12 @@ def test_one_up_per_data_dir_and_etcd_dies_with_it(tmp_path: Path) -> None:
         # the banner's etcdctl line reaches the registry
         assert f"etcdctl --endpoints {etcd} get --prefix /modelgw/v1/" in log.read_text()
         listed = subprocess.run(["etcdctl", "--endpoints", etcd, "get", "--prefix", "/modelgw/v1/", "--keys-only"],
-                                capture_output=True, text=True, timeout=30)  # fmt: skip
+                                capture_output=True, text=True, timeout=30)
         assert listed.returncode == 0 and "/modelgw/v1/election/reconciler" in listed.stdout, listed
 
         # `modelgw token` without --data-dir mints from the issuer of the `up` that runs
         minted = subprocess.run([sys.executable, "-m", "modelgw", "token", "--sub", "t"],
-                                capture_output=True, text=True, cwd=REPO, timeout=60, env=env)  # fmt: skip
+                                capture_output=True, text=True, cwd=REPO, timeout=60, env=env)
         assert minted.returncode == 0 and minted.stdout.count(".") == 2, minted.stderr
         payload = minted.stdout.strip().split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
@@ -267,5 +267,5 @@ def test_a_taken_port_is_one_line_before_anything_starts(tmp_path: Path) -> None
 def test_token_that_cannot_be_minted_prints_nothing_on_stdout(tmp_path: Path) -> None:
     env = isolated_env(tmp_path)
     result = subprocess.run([sys.executable, "-m", "modelgw", "token", "--sub", "t", "--data-dir", str(tmp_path / "none")],
-                            capture_output=True, text=True, cwd=REPO, timeout=60, env=env)  # fmt: skip
+                            capture_output=True, text=True, cwd=REPO, timeout=60, env=env)
     assert result.returncode != 0 and result.stdout == "" and "modelgw up" in result.stderr

@@ -43,15 +43,15 @@ REALM = "modelgw"
 REFUSALS = Counter(
     "modelgw_auth_refusals_total", "Requests refused: no or invalid token (unauthenticated) or policy (forbidden)",
     ("path", "decision"), registry=metrics.REGISTRY,
-)  # fmt: skip
+)
 SIGNATURE_CHECKS = Gauge(
     "modelgw_auth_signature_checks", "Token signatures checked (verified-token cache misses) since start",
     registry=metrics.REGISTRY,
-)  # fmt: skip
+)
 ISSUER_KEYS = Gauge(
     "modelgw_auth_issuer_keys", "Signing keys known per issuer (0: its tokens are refused)",
     ("issuer",), registry=metrics.REGISTRY,
-)  # fmt: skip
+)
 
 
 # -- errors, with their WWW-Authenticate challenge (RFC 6750) ---------------------------
@@ -167,7 +167,7 @@ class Authenticator:
         log.info(
             "authentication on: issuer(s) %s; admin scope %s",
             ", ".join(self.keys), self.config.admin_scope,
-        )  # fmt: skip
+        )
 
     async def close(self) -> None:
         for keys in self.keys.values():

@@ -252,7 +252,7 @@ class IssuerKeys:
                 "issuer %s: %d signing key(s)%s%s", self.config.issuer, len(keys),
                 f", new: {', '.join(sorted(added))}" if added else "",
                 f", withdrawn: {', '.join(sorted(removed))}" if removed else "",
-            )  # fmt: skip
+            )
         if removed and self._on_removed is not None:
             self._on_removed(self.config.issuer, removed)
 

@@ -152,7 +152,7 @@ class OpenAIApi:
                 f"model '{model}' is served by runtime kind(s) {', '.join(sorted(k for k in kinds if k))}; "
                 f"the OpenAI API serves models of kind '{LLM_KIND}' (use /v2/models/{model}/infer for it)",
                 "model", "model_not_supported",
-            )  # fmt: skip
+            )
 
     # -- generation ------------------------------------------------------------------------
 
@@ -184,7 +184,7 @@ class OpenAIApi:
     async def _complete(
         self, request: web.Request, call: GenerationCall, info: CallInfo, message: pb.ModelInferRequest,
         metadata: list[tuple[str, str]], request_id: str,
-    ) -> web.Response:  # fmt: skip
+    ) -> web.Response:
         """A whole answer via ModelInfer; cancelled (upstream too) if the client goes away."""
         forward = asyncio.ensure_future(
             self.proxy.unary(
@@ -203,7 +203,7 @@ class OpenAIApi:
     async def _stream(
         self, request: web.Request, call: GenerationCall, info: CallInfo, message: pb.ModelInferRequest,
         metadata: list[tuple[str, str]], request_id: str,
-    ) -> web.StreamResponse:  # fmt: skip
+    ) -> web.StreamResponse:
         """A streamed answer over one ModelStreamInfer stream, relayed as SSE chunks."""
         model = call.model
         # the model's timeout and the client's, if any: a stream has no default deadline
@@ -213,7 +213,7 @@ class OpenAIApi:
         with self.proxy.stream(
             model, "", metadata=metadata, sticky_key=request.headers.get(SESSION_HEADER), timeout=timeout,
             protocol=PROTOCOL,
-        ) as stream:  # fmt: skip
+        ) as stream:
             upstream = stream.call  # cancelled when the stream is released: the runtime aborts
             message.model_version = stream.version  # the version the traffic split chose
             watcher = asyncio.create_task(_watch_disconnect(request, upstream.cancel))

@@ -87,7 +87,7 @@ def openai_error_body(request: web.Request, failure: Failure) -> web.Response:
 
 _UNAVAILABLE_HINTS = (
     "not ready", "shutting down", "failed to load", "is not loaded", "not served here", "has no version",
-)  # fmt: skip
+)
 
 
 def stream_error(message: str) -> GatewayError:

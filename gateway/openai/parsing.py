@@ -232,13 +232,13 @@ def parse_completion(body: dict[str, Any]) -> GenerationCall:
             f"logprobs={logprobs} is not supported: the runtime returns the chosen tokens' log-probabilities only; "
             "send logprobs: 0 for those",
             "logprobs", "unsupported_parameter",
-        )  # fmt: skip
+        )
     parameters = _sampling(body, _int(body, "max_tokens"))
     if logprobs == 0:
         parameters["logprobs"] = 1
     stream, include_usage = _streaming(body)
     return GenerationCall(False, model, prompt=prompt, parameters=parameters, stream=stream,
-                          include_usage=include_usage, logprobs=logprobs == 0)  # fmt: skip
+                          include_usage=include_usage, logprobs=logprobs == 0)
 
 
 def _check_messages(messages: Any) -> list[Any]:
@@ -264,7 +264,7 @@ def parse_chat(body: dict[str, Any]) -> GenerationCall:
     _refuse_unless_default(
         body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text",
         "the runtime generates plain text (no JSON mode or schemas)",
-    )  # fmt: skip
+    )
     _refuse_unless_default(body, "audio", lambda v: False, "text only")
     _refuse_unless_default(body, "modalities", lambda v: v == ["text"], "text only")
     logprobs = bool(_bool(body, "logprobs"))
@@ -274,7 +274,7 @@ def parse_chat(body: dict[str, Any]) -> GenerationCall:
             f"top_logprobs={top_logprobs} is not supported: the runtime returns the chosen tokens' "
             "log-probabilities only (logprobs: true)",
             "top_logprobs", "unsupported_parameter",
-        )  # fmt: skip
+        )
     # max_completion_tokens is the newer name of max_tokens
     max_tokens = _int(body, "max_completion_tokens")
     if max_tokens is None:
@@ -284,7 +284,7 @@ def parse_chat(body: dict[str, Any]) -> GenerationCall:
         parameters["logprobs"] = 1
     stream, include_usage = _streaming(body)
     return GenerationCall(True, model, messages=messages, parameters=parameters, stream=stream,
-                          include_usage=include_usage, logprobs=logprobs)  # fmt: skip
+                          include_usage=include_usage, logprobs=logprobs)
 
 
 # -- the contract's request -----------------------------------------------------------------

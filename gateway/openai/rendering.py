@@ -137,7 +137,7 @@ def completion_body(info: CallInfo, piece: Piece) -> dict[str, Any]:
     else:
         choice = {
             "index": 0, "text": piece.text, "logprobs": _logprobs(info, piece), "finish_reason": finish_reason(piece),
-        }  # fmt: skip
+        }
     return {
         "id": info.id,
         "object": "chat.completion" if info.chat else "text_completion",
