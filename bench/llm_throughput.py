@@ -69,6 +69,7 @@ PROMPTS = [
 @dataclass
 class RequestTiming:
     sent: float
+    prompt: int = -1  # index into PROMPTS
     chunks: list[tuple[float, int]] = field(default_factory=list)  # (arrival, tokens in it)
     token_ids: list[int] = field(default_factory=list)
 
@@ -207,7 +208,7 @@ async def run_modelgw_level(port: int, concurrency: int, requests: int, max_toke
 
         async def one(index: int) -> RequestTiming:
             prompt = PROMPTS[(first_index + index) % len(PROMPTS)]
-            timing = RequestTiming(time.perf_counter())
+            timing = RequestTiming(time.perf_counter(), (first_index + index) % len(PROMPTS))
             async for message in stub.ModelStreamInfer(iter([stream_request(prompt, max_tokens)])):
                 now = time.perf_counter()
                 if message.error_message:
@@ -236,7 +237,7 @@ async def run_engine_level(engine, tokenizer, concurrency: int, requests: int, m
         prompt = PROMPTS[(first_index + index) % len(PROMPTS)]
         request = GenerationRequest(f"bench-{first_index}-{index}-{time.monotonic_ns()}",
                                     tuple(tokenizer.encode(prompt)), params)
-        timing = RequestTiming(time.perf_counter())
+        timing = RequestTiming(time.perf_counter(), (first_index + index) % len(PROMPTS))
         async for output in engine.generate(request):
             timing.chunks.append((time.perf_counter(), len(output.token_ids)))
             timing.token_ids.extend(output.token_ids)
@@ -273,7 +274,7 @@ def run_transformers(model, tokenizer_encode, indices: list[int], max_tokens: in
     timings = []
     for index in indices:
         ids = torch.tensor([tokenizer_encode(PROMPTS[index % len(PROMPTS)])])
-        timing = RequestTiming(time.perf_counter())
+        timing = RequestTiming(time.perf_counter(), index % len(PROMPTS))
         with torch.no_grad():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                            min_new_tokens=max_tokens, do_sample=False, pad_token_id=0, streamer=Streamer(timing))
@@ -343,8 +344,10 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> int:
             engine.shutdown()
 
     # the same checkpoint, the same greedy tokens on both sides (else the comparison is moot)
-    first = rows[levels[0]].timings[0] if rows[levels[0]].timings else None  # round 1 runs prompt 0 first
-    same = first is not None and first.token_ids == hf_row.timings[0].token_ids
+    # compared by prompt, not by position: at concurrency > 1 requests finish out of order
+    ours = next((t for t in rows[levels[0]].timings if t.prompt == 0), None)
+    theirs = next((t for t in hf_row.timings if t.prompt == 0), None)
+    same = ours is not None and theirs is not None and ours.token_ids == theirs.token_ids
 
     print()
     print(HEADER)
