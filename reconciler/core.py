@@ -4,9 +4,11 @@ Each pass reads the desired runtimes from the registry, observes the backend's w
 acts on the difference (ensure what is missing or outdated, remove what is no longer
 wanted) and writes what it saw to status/runtimes/<name>, only when that changed. A pass
 runs when a registry change matters to it (a runtime changed; a replica's endpoint came,
-went or changed readiness; someone else touched a status) and every `resync_seconds`,
-and only while this reconciler leads. Readiness comes from the registry, not the backend:
-a replica is ready when its endpoint says so, whatever runs it.
+went or changed readiness; someone else touched a status), when the backend reports that a
+workload changed by itself (Backend.follow: the kubernetes backend's Deployment watch) and
+every `resync_seconds`, and only while this reconciler leads. Readiness comes from the
+registry, not the backend: a replica is ready when its endpoint says so, whatever runs it
+(the local backend rolls a spec change on it: ensure() is given the ready instances).
 
 The workloads are let go (backend.close()) only when another reconciler is seen leading,
 never because etcd was unreachable, even for longer than the election lease: see
@@ -39,12 +41,16 @@ class Plan:
     remove: list[str]
 
 
-def plan(desired: dict[str, rpb.RuntimeSpec], observed: dict[str, Workload]) -> Plan:
-    """What to do to make the observed workloads match the desired runtimes."""
+def plan(
+    desired: dict[str, rpb.RuntimeSpec], observed: dict[str, Workload], hashes: dict[str, str] | None = None
+) -> Plan:
+    """What to do to make the observed workloads match the desired runtimes. `hashes`:
+    the workload hash of each desired runtime (Backend.workload_hash; spec_hash by default)."""
     ensure = []
     for name, spec in sorted(desired.items()):
         workload = observed.get(name)
-        if workload is None or workload.spec_hash != spec_hash(spec) or workload.replicas != spec.replicas:
+        wanted = hashes[name] if hashes is not None else spec_hash(spec)
+        if workload is None or workload.spec_hash != wanted or workload.replicas != spec.replicas:
             ensure.append(spec)
     remove = sorted(name for name in observed if name not in desired)
     return Plan(ensure, remove)
@@ -192,6 +198,8 @@ class Reconciler:
     async def _lead(self) -> None:
         """Reconcile until another reconciler is seen leading."""
         lost = guard(asyncio.ensure_future(self.election.lost()), "the leadership check", log)
+        # the backend wakes a pass when a workload changes by itself (a pod crashed)
+        following = guard(asyncio.ensure_future(self.backend.follow(self._wake.set)), "the backend's watch", log)
         synced = waiter = None
         try:
             synced = asyncio.ensure_future(self.view.synced.wait())
@@ -214,7 +222,7 @@ class Reconciler:
                 await asyncio.wait({waiter, lost}, timeout=self.resync_seconds, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
         finally:
-            await stop_tasks(lost, synced, waiter)
+            await stop_tasks(lost, following, synced, waiter)
 
     async def reconcile_once(self) -> Plan:
         """One pass: act on the difference, then write the statuses that changed."""
@@ -222,11 +230,14 @@ class Reconciler:
         records = (await self.store.list_runtimes()).runtimes
         desired = {r.spec.name: r.spec for r in records}
         revisions = {r.spec.name: r.revision for r in records}
+        models = {name: self.view.models_on(name) for name in desired}
+        hashes = {name: self.backend.workload_hash(spec, models[name]) for name, spec in desired.items()}
         observed = await self.backend.observe()
-        todo = plan(desired, observed)
+        todo = plan(desired, observed, hashes)
         for spec in todo.ensure:
-            log.info("runtime %s: ensuring %d replicas (spec %s)", spec.name, spec.replicas, spec_hash(spec))
-            await self.backend.ensure(spec, spec_hash(spec))
+            ready = frozenset(e.instance for e in self.view.endpoints_of(spec.name) if e.ready)
+            log.info("runtime %s: ensuring %d replicas (spec %s)", spec.name, spec.replicas, hashes[spec.name])
+            await self.backend.ensure(spec, hashes[spec.name], models[spec.name], ready)
         for name in todo.remove:
             log.info("runtime %s: no longer in the registry, removing its workload", name)
             await self.backend.remove(name)

@@ -7,6 +7,12 @@ exits, under a new instance name (as a new pod would be), so the dead one's endp
 record expires with its lease. Replicas die with the reconciler that started them
 (PR_SET_PDEATHSIG, see modelgw.process), so a standby that takes over never finds
 orphans competing with it.
+
+A spec change rolls, as a Deployment with maxSurge 1 and maxUnavailable 0 does: one new
+replica is started; once its endpoint is ready, one outdated replica is stopped; repeat.
+The registry keeps serving from the outdated replicas until new ones are ready. Each step
+is taken by an ensure() call (the core calls it on every pass while observe() reports the
+outdated spec hash, and a pass runs whenever an endpoint's readiness changes).
 """
 
 from __future__ import annotations
@@ -18,12 +24,13 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from modelgw.net import free_port
 from modelgw.process import PARENT_PID_ENV
 from modelgw.protos import registry_pb2 as rpb
-from modelgw.reconciler.backend import Workload
+from modelgw.reconciler.backend import Workload, spec_hash
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,9 @@ class Replica:
     def __init__(self, group: ProcessGroup, slot: int) -> None:
         self.group = group
         self.slot = slot
+        # the spec it runs, kept when the group moves on to a new one (it is then outdated
+        # and restarts, if it crashes, as what it was until the roll stops it)
+        self.spec = group.spec
         self.process: asyncio.subprocess.Process | None = None
         self.instance = ""
         self.restarts = 0
@@ -56,12 +66,12 @@ class Replica:
 
     async def _supervise(self) -> None:
         backoff = 0.5
-        name = self.group.spec.name
+        name = self.spec.name
         while not self.stopping:
             self.instance = f"{name}-{self.slot}-{secrets.token_hex(3)}"
             started = time.monotonic()
             try:
-                process = await self.group.backend.spawn(self.group.spec, self.instance)
+                process = await self.group.backend.spawn(self.spec, self.instance)
             except (OSError, ValueError) as exc:
                 log.error("runtime %s: cannot start replica %d: %s", name, self.slot, exc)
                 code, self.last_error = -1, f"cannot start: {exc}"
@@ -97,7 +107,7 @@ class Replica:
         finally:
             stopping.cancel()
         if not exited.done():
-            log.info("runtime %s: stopping replica %s (pid %d)", self.group.spec.name, self.instance, process.pid)
+            log.info("runtime %s: stopping replica %s (pid %d)", self.spec.name, self.instance, process.pid)
             with contextlib.suppress(ProcessLookupError):
                 process.terminate()
             try:
@@ -116,21 +126,65 @@ class Replica:
 
 
 class ProcessGroup:
+    """A runtime's replicas: those running its current spec, and while a spec change
+    rolls, the outdated ones still serving until new ones are ready."""
+
     def __init__(self, backend: LocalBackend, spec: rpb.RuntimeSpec, spec_hash: str) -> None:
         self.backend = backend
         self.spec = spec
         self.spec_hash = spec_hash
         self.replicas: list[Replica] = []
+        self.outdated: list[Replica] = []
+        self.outdated_hash = ""  # the spec hash the outdated replicas run (the last one rolled from)
+        self._slots = 0
+
+    def _start(self) -> Replica:
+        # slots count up across rolls, so that an outdated and a new replica never share a name
+        replica = Replica(self, self._slots)
+        self._slots += 1
+        return replica
+
+    def change_spec(self, spec: rpb.RuntimeSpec, spec_hash: str) -> None:
+        """Make `spec` the one new replicas run; every current replica becomes outdated
+        (replaced by roll())."""
+        self.outdated += self.replicas
+        self.outdated_hash, self.replicas = self.spec_hash, []
+        self.spec, self.spec_hash = spec, spec_hash
+
+    async def roll(self, count: int, ready: frozenset[str]) -> None:
+        """One step towards `count` replicas of the current spec, never fewer than `count`
+        ready (maxUnavailable 0) nor more than count + 1 processes (maxSurge 1) while
+        outdated replicas remain. `ready`: the instances whose endpoints are ready now."""
+        if not self.outdated:
+            await self.scale(count)
+            return
+        new_ready = sum(1 for r in self.replicas if r.running and r.instance in ready)
+        # keep as many ready outdated replicas as the new ones still lack; an outdated
+        # replica that is not ready serves nothing and goes at once
+        needed = max(0, count - new_ready)
+        serving = [r for r in self.outdated if r.running and r.instance in ready]
+        keep = serving[:needed]
+        retire = [r for r in self.outdated if r not in keep]
+        surplus, self.replicas = self.replicas[count:], self.replicas[:count]
+        self.outdated = keep
+        # stopped before the next one starts: a draining process still holds its memory
+        # (a GPU's, perhaps), so it counts against the surge until it has exited
+        await asyncio.gather(*(r.stop(self.backend.stop_grace) for r in retire + surplus))
+        while len(self.replicas) < count and len(self.replicas) + len(self.outdated) < count + 1:
+            self.replicas.append(self._start())
 
     async def scale(self, count: int) -> None:
+        """Exactly `count` replicas of the current spec, now; outdated ones are stopped."""
         while len(self.replicas) < count:
-            self.replicas.append(Replica(self, len(self.replicas)))
-        surplus, self.replicas = self.replicas[count:], self.replicas[:count]
+            self.replicas.append(self._start())
+        surplus, self.replicas = self.outdated + self.replicas[count:], self.replicas[:count]
+        self.outdated = []
         await asyncio.gather(*(r.stop(self.backend.stop_grace) for r in surplus))
 
     def workload(self) -> Workload:
+        everyone = self.replicas + self.outdated
         problems = []
-        for r in self.replicas:
+        for r in everyone:
             if len(r.recent_crashes) >= 3:
                 where = f"see {self.backend.log_path(r.instance)}"
                 why = f"{r.last_error}; {where}" if r.last_error else where
@@ -140,12 +194,14 @@ class ProcessGroup:
                 )
         return Workload(
             runtime=self.spec.name,
-            spec_hash=self.spec_hash,
+            # while outdated replicas remain the roll is not done: reporting their hash
+            # makes the core call ensure() again, which takes the next step
+            spec_hash=self.outdated_hash if self.outdated else self.spec_hash,
             replicas=len(self.replicas),
-            running=sum(1 for r in self.replicas if r.running),
-            restarts=sum(r.restarts for r in self.replicas),
+            running=sum(1 for r in everyone if r.running),
+            restarts=sum(r.restarts for r in everyone),
             problems=problems,
-            instances=frozenset(r.instance for r in self.replicas if r.running),
+            instances=frozenset(r.instance for r in everyone if r.running),
         )
 
 
@@ -239,17 +295,26 @@ class LocalBackend:
     async def observe(self) -> dict[str, Workload]:
         return {name: group.workload() for name, group in self.groups.items()}
 
-    async def ensure(self, spec: rpb.RuntimeSpec, spec_hash: str) -> None:
+    def workload_hash(self, spec: rpb.RuntimeSpec, models: Sequence[rpb.ModelSpec]) -> str:
+        # replicas load and unload models as the registry says: only the spec needs new processes
+        return spec_hash(spec)
+
+    async def ensure(
+        self, spec: rpb.RuntimeSpec, spec_hash: str, models: Sequence[rpb.ModelSpec], ready: frozenset[str]
+    ) -> None:
+        copy = rpb.RuntimeSpec()
+        copy.CopyFrom(spec)
         group = self.groups.get(spec.name)
-        if group is not None and group.spec_hash != spec_hash:
-            # a changed spec needs new processes: replace the whole group
-            await group.scale(0)
-            group = None
         if group is None:
-            copy = rpb.RuntimeSpec()
-            copy.CopyFrom(spec)
             group = self.groups[spec.name] = ProcessGroup(self, copy, spec_hash)
-        await group.scale(spec.replicas)
+        elif group.spec_hash != spec_hash:
+            log.info("runtime %s: spec changed, rolling its replicas one at a time", spec.name)
+            group.change_spec(copy, spec_hash)
+        await group.roll(spec.replicas, ready)
+
+    async def follow(self, wake: Callable[[], None]) -> None:
+        # a crashed replica is restarted by its supervisor; the core's resync passes see it
+        await asyncio.Event().wait()
 
     async def remove(self, runtime: str) -> None:
         group = self.groups.pop(runtime, None)

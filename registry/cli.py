@@ -236,7 +236,7 @@ async def _get(args: argparse.Namespace) -> int:
                 runtimes = list((await registry.list_runtimes()).runtimes)
             documents = [files.runtime_document(r) for r in runtimes]
             rows = [_runtime_row(r) for r in runtimes]
-            header = ("NAME", "KIND", "REPLICAS", "READY", "FORMATS", "REVISION")
+            header = ("NAME", "KIND", "REPLICAS", "READY", "FORMATS", "REVISION", "PROBLEMS")
         else:
             endpoints = list((await registry.list_endpoints(args.name or "")).endpoints)
             documents = [files.endpoint_document(e) for e in endpoints]
@@ -304,7 +304,12 @@ def _version_state(model: str, version: rpb.ModelVersion, replicas: list[rpb.End
 def _runtime_row(record: rpb.RuntimeRecord) -> tuple[str, ...]:
     spec = record.spec
     ready = f"{record.status.replicas_ready}/{spec.replicas}" if record.HasField("status") else "-"
-    return (spec.name, spec.kind, str(spec.replicas), ready, ",".join(spec.model_formats), str(record.revision))
+    # what the reconciler saw go wrong (a crash loop, an image that cannot be pulled); last
+    # column: it has spaces
+    degraded = [c.message for c in record.status.conditions if c.type == "Degraded" and c.status == "True"]
+    problems = "; ".join(degraded) or "-"
+    return (spec.name, spec.kind, str(spec.replicas), ready, ",".join(spec.model_formats), str(record.revision),
+            problems)  # fmt: skip
 
 
 def _endpoint_row(endpoint: rpb.Endpoint) -> tuple[str, ...]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from modelgw.protos import registry_pb2 as rpb
 from modelgw.registry.errors import ValidationError
@@ -40,7 +40,7 @@ _QUANTITY = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|
 _SUFFIX_SCALE = {
     None: 1.0, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
     "E": 1e18, "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40, "Pi": 2.0**50, "Ei": 2.0**60,
-}  # fmt: skip
+}
 
 DNS_LABEL_RULE = "lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters"
 
@@ -132,6 +132,7 @@ def runtime_problems(spec: rpb.RuntimeSpec) -> list[str]:
         if not _ENV_NAME.match(key):
             p.add(f"env[{key!r}]", "not a valid environment variable name (letters, digits, '_', not starting with a digit)")
     p.labels("labels", spec.labels)
+    p.labels("node_selector", spec.node_selector)
     for key in spec.options:
         if not key or "=" in key or any(c.isspace() for c in key):
             p.add(f"options[{key!r}]", "option names must be non-empty, without '=' or spaces")
@@ -211,13 +212,48 @@ def model_problems(spec: rpb.ModelSpec, runtimes: Mapping[str, rpb.RuntimeSpec] 
 _IMPORT_REF = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
 
+# pvc://CLAIM/PATH: PATH inside the PersistentVolumeClaim CLAIM, which the kubernetes
+# backend mounts read-only at PVC_MOUNT_ROOT/CLAIM in the runtime's pods; the runtime reads
+# the URI as that path (runtimes.storage). The mount point is this contract's, so that the
+# reconciler and the runtimes, peers, both read it from here.
+PVC_MOUNT_ROOT = "/mnt/models"
+_CLAIM = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a DNS subdomain, as claim names are
+
+
+def parse_pvc_uri(uri: str) -> tuple[str, str]:
+    """(claim, path inside it: %-decoded, without a leading '/') of a pvc://CLAIM[/PATH] URI; raises
+    ValueError saying what is wrong otherwise."""
+    parts = urlsplit(uri)
+    if parts.scheme != "pvc":
+        raise ValueError(f"{uri!r} is not a pvc://CLAIM/PATH URI")
+    if not _CLAIM.match(parts.netloc):
+        raise ValueError(f"{uri!r}: {parts.netloc!r} is not a claim name (lowercase letters, digits, '-' and '.')")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{uri!r}: pvc:// URIs take no '?' or '#' parts")
+    segments = [s for s in unquote(parts.path).split("/") if s]
+    if any(s in (".", "..") for s in segments):
+        raise ValueError(f"{uri!r}: the path must not contain '.' or '..' (it stays inside the claim)")
+    return parts.netloc, "/".join(segments)
+
+
+def pvc_mount_path(claim: str) -> str:
+    """Where the kubernetes backend mounts the claim in a runtime pod."""
+    return f"{PVC_MOUNT_ROOT}/{claim}"
+
+
 def _uri(p: _Problems, field: str, uri: str) -> None:
     if not uri:
-        p.add(field, "required (an absolute local path or a file:// URI)")
+        p.add(field, "required (an absolute local path, a file:// URI or pvc://CLAIM/PATH)")
         return
     if uri.startswith("/"):
         return
     parts = urlsplit(uri)
+    if parts.scheme == "pvc":
+        try:
+            parse_pvc_uri(uri)
+        except ValueError as exc:
+            p.add(field, str(exc))
+        return
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
             p.add(field, f"{uri!r}: file:// URIs must not name a host (use file:///path)")
@@ -225,7 +261,7 @@ def _uri(p: _Problems, field: str, uri: str) -> None:
             p.add(field, f"{uri!r}: file:// URIs need an absolute path (file:///path)")
         return
     if parts.scheme and len(parts.scheme) > 1:  # a Windows drive letter is not a scheme
-        p.add(field, f"scheme {parts.scheme!r} is not supported (use an absolute local path or file:///path)")
+        p.add(field, f"scheme {parts.scheme!r} is not supported (use an absolute local path, file:///path or pvc://CLAIM/PATH)")
     else:
         p.add(field, f"{uri!r} is a relative path; use an absolute local path or file:///path")
 

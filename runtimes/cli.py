@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -138,10 +139,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     registry.add_argument("--runtime", type=parse_runtime_name, default=None,
                           help="the registry runtime this replica belongs to")
     registry.add_argument("--instance", type=parse_instance_name, default=None,
-                          help="this replica's name (default RUNTIME-<random>)")
+                          help="this replica's name (default: $POD_NAME in a Kubernetes pod, else RUNTIME-<random>)")
     registry.add_argument("--advertise", type=parse_host_port, default=None, metavar="HOST:PORT",
-                          help="address the gateway should dial (default: --host and the bound port; "
-                               "the host name when --host is 0.0.0.0 or ::)")
+                          help="address the gateway should dial (default: --host and the bound port; when --host "
+                               "is 0.0.0.0 or ::, $POD_IP in a Kubernetes pod, else the host name)")
     registry.add_argument("--lease-ttl", type=parse_lease_ttl, default=10,
                           help="endpoint lease TTL in seconds (default 10)")
     serve.set_defaults(func=serve_command)
@@ -238,14 +239,22 @@ async def _register(args: argparse.Namespace, server):
     from modelgw.runtimes.registration import EndpointRegistration
 
     store = RegistryStore(args.registry, prefix=args.prefix)
+    # in a pod the downward API gives POD_IP and POD_NAME (reconciler.kube_objects): the
+    # pod's address is what the gateway dials, and its name says which pod a record is
+    pod_ip, pod_name = os.environ.get("POD_IP"), os.environ.get("POD_NAME")
     address = args.advertise
     if address is None and args.host in ("0.0.0.0", "::", "[::]"):
-        address = f"{socket.gethostname()}:{server.port}"  # a wildcard is no address to dial
+        # a wildcard is no address to dial; one address bound (a replica of the local
+        # backend run inside a pod) is advertised as it is
+        if pod_ip:
+            address = f"[{pod_ip}]:{server.port}" if ":" in pod_ip else f"{pod_ip}:{server.port}"
+        else:
+            address = f"{socket.gethostname()}:{server.port}"
     registration = EndpointRegistration(
         store,
         server,
         runtime=args.runtime,
-        instance=args.instance or f"{args.runtime}-{secrets.token_hex(3)}",
+        instance=args.instance or pod_name or f"{args.runtime}-{secrets.token_hex(3)}",
         address=address,
         lease_ttl=args.lease_ttl,
     )

@@ -1,7 +1,11 @@
 """Where model files come from: a model URI resolved to a local path.
 
-Supported today: plain local paths and file:// URIs. Other schemes (s3://, gs://, hf://)
-plug in here later; until then they get a clear error instead of a confusing one.
+Supported today: plain local paths, file:// URIs and pvc://CLAIM/PATH. In a Kubernetes pod
+a local path or file:// URI names a file inside the container (in its image or a volume
+mounted there); pvc://CLAIM/PATH is PATH inside the claim CLAIM, which the kubernetes
+backend mounts read-only at /mnt/models/CLAIM (registry.validation.pvc_mount_path), so it
+is read from there. Other schemes (s3://, gs://, hf://) plug in here later; until then they
+get a clear error instead of a confusing one.
 """
 
 from __future__ import annotations
@@ -9,9 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from modelgw.registry.validation import parse_pvc_uri, pvc_mount_path
 from modelgw.runtimes.errors import ModelLoadError
 
-SUPPORTED = "a local path or a file:// URI"
+SUPPORTED = "a local path, a file:// URI or pvc://CLAIM/PATH"
 
 
 def local_path(uri: str) -> Path:
@@ -23,6 +28,14 @@ def local_path(uri: str) -> Path:
         if parsed.netloc not in ("", "localhost"):
             raise ModelLoadError(f"'{uri}': file:// URIs must name a local file (file:///path)")
         path = Path(unquote(parsed.path))
+    elif parsed.scheme == "pvc":
+        try:
+            claim, inside = parse_pvc_uri(uri)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+        path = Path(pvc_mount_path(claim), inside)
+        if not path.exists():
+            raise ModelLoadError(f"'{uri}': no such file or directory at {path} (is claim {claim!r} mounted there?)")
     elif parsed.scheme and len(parsed.scheme) > 1:  # one letter: a Windows drive, not a scheme
         raise ModelLoadError(f"'{uri}': unsupported URI scheme '{parsed.scheme}'; expected {SUPPORTED}")
     else:

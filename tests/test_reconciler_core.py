@@ -48,6 +48,7 @@ MUTATIONS: dict[str, Callable[[rpb.RuntimeSpec], None]] = {
     "env": lambda s: s.env.__setitem__("OMP_NUM_THREADS", "1"),
     "labels": lambda s: s.labels.__setitem__("team", "search"),
     "options": lambda s: s.options.__setitem__("factor", "4"),
+    "node_selector": lambda s: s.node_selector.__setitem__("nvidia.com/gpu.product", "NVIDIA-H100-80GB-HBM3"),
 }
 
 

@@ -286,7 +286,8 @@ spec:
 
         (third,) = (await until(replaced, "solo replaced", timeout=90, logs=cluster.logs)).values()
         np.testing.assert_array_equal(infer(third, "triple", x), x * 5)
-        assert not pid_alive(second_pid)
+        # rolled: the old replica is stopped once the new one is ready, and drains first
+        await until(lambda: not pid_alive(second_pid), "the replaced replica exited", logs=cluster.logs)
         await delete_runtime(cluster, store, "solo", "triple")
 
 

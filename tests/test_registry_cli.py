@@ -176,7 +176,7 @@ spec:
     errors = [line for line in result.stderr.splitlines() if not line.startswith("warning: ")]  # /models/... is not here
     assert errors == [
         "error: stdin#3: models/broken: versions[0].uri: scheme 's3' is not supported "
-        "(use an absolute local path or file:///path)"
+        "(use an absolute local path, file:///path or pvc://CLAIM/PATH)"
     ]
 
 

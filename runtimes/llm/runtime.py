@@ -234,6 +234,7 @@ class LLMModel(Model):
         from modelgw.runtimes.llm.async_engine import AsyncEngine
         from modelgw.runtimes.llm.checkpoint import Checkpoint
         from modelgw.runtimes.llm.engine import EngineConfig, create_engine
+        from modelgw.runtimes.storage import local_path
 
         options = self.options
         threads = _option_int(options, "threads", None)
@@ -256,7 +257,7 @@ class LLMModel(Model):
             kv_cache_bytes=kv_bytes,
             max_waiting=_option_int(options, "max_waiting", defaults.max_waiting),
         )
-        self.checkpoint = Checkpoint.open(self.uri)
+        self.checkpoint = Checkpoint.open(local_path(self.uri))  # file://, pvc:// as every kind reads them
         self.tokenizer = self.checkpoint.tokenizer
         engine = _in_own_thread(create_engine, self.checkpoint, config)
         self.platform = f"llm_{config.engine}"
