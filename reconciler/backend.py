@@ -9,7 +9,7 @@ keeps calling ensure(). Backends are listed in reconciler.cli.BACKENDS."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -79,3 +79,13 @@ class Backend(Protocol):
         Deployments running. Called when leadership is lost and on shutdown; the backend
         may be used again after."""
         ...
+
+
+def custom_command(spec: rpb.RuntimeSpec, values: Mapping[str, object]) -> list[str]:
+    """A runtime's own `command` with its {placeholders} filled from `values` (the same
+    names on every backend); ValueError naming the bad placeholder and the known ones."""
+    try:
+        return [part.format(**values) for part in spec.command]
+    except (KeyError, IndexError, ValueError) as exc:
+        known = " ".join(f"{{{k}}}" for k in values)
+        raise ValueError(f"runtimes/{spec.name}: command: bad placeholder {exc} (known: {known})") from None

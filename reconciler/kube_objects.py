@@ -38,7 +38,7 @@ from urllib.parse import unquote, urlsplit
 
 from modelgw import __version__
 from modelgw.protos import registry_pb2 as rpb
-from modelgw.reconciler.backend import spec_hash
+from modelgw.reconciler.backend import custom_command, spec_hash
 from modelgw.registry.validation import parse_pvc_uri, pvc_mount_path
 
 MANAGED_BY = "modelgw"
@@ -208,7 +208,7 @@ def runtime_objects(
             meta["ownerReferences"] = [{
                 "apiVersion": "apps/v1", "kind": "Deployment", "name": name, "uid": owner_uid,
                 "controller": True, "blockOwnerDeletion": True,
-            }]  # fmt: skip
+            }]
         return meta
 
     deployment = {
@@ -245,7 +245,7 @@ def runtime_objects(
             "kind": "PodDisruptionBudget",
             "metadata": metadata(owned=True),
             "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(runtime.name)}},
-        })  # fmt: skip
+        })
     return objects
 
 
@@ -263,14 +263,11 @@ def runtime_command(runtime: rpb.RuntimeSpec, settings: KubeSettings) -> list[st
     in as they are in a pod ({instance}: $(POD_NAME), which the kubelet expands), else
     `modelgw runtime serve`."""
     if runtime.command:
-        values = dict(python="python3", host="0.0.0.0", port=GRPC_PORT, etcd=settings.etcd_endpoints,
-                      prefix=settings.registry_prefix, runtime=runtime.name, instance="$(POD_NAME)",
-                      kind=runtime.kind)  # fmt: skip
-        try:
-            return [part.format(**values) for part in runtime.command]
-        except (KeyError, IndexError, ValueError) as exc:
-            known = " ".join(f"{{{k}}}" for k in values)
-            raise ValueError(f"runtimes/{runtime.name}: command: bad placeholder {exc} (known: {known})") from None
+        values = dict(
+            python="python3", host="0.0.0.0", port=GRPC_PORT, etcd=settings.etcd_endpoints,
+            prefix=settings.registry_prefix, runtime=runtime.name, instance="$(POD_NAME)", kind=runtime.kind,
+        )
+        return custom_command(runtime, values)
     command = [
         "modelgw", "runtime", "serve",
         "--kind", runtime.kind,
@@ -281,7 +278,7 @@ def runtime_command(runtime: rpb.RuntimeSpec, settings: KubeSettings) -> list[st
         "--host", "0.0.0.0",
         "--port", str(GRPC_PORT),
         "--drain-timeout", str(settings.drain_seconds),
-    ]  # fmt: skip
+    ]
     for key, value in sorted(runtime.options.items()):
         command += ["--option", f"{key}={value}"]
     return command

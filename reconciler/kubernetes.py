@@ -291,7 +291,7 @@ class KubernetesBackend:
             self.apps.list_namespaced_deployment, self.namespace,
             # a read timeout past the server's: a dead connection does not hang the watch
             _request_timeout=(10, self.watch_seconds + 30), **kwargs,
-        ):  # fmt: skip
+        ):
             if stopping.is_set():
                 return
             raw = event.get("raw_object") or {}
@@ -377,10 +377,10 @@ def _pod_problems(pod: k8s.V1Pod) -> list[str]:
             continue
         if waiting.reason == "CrashLoopBackOff":
             problems.append(f"pod {name}: {container.name} keeps crashing ({container.restart_count} restarts)"
-                            f"{_last_termination(container)}")  # fmt: skip
+                            f"{_last_termination(container)}")
         elif waiting.reason in ("ImagePullBackOff", "ErrImagePull"):
             problems.append(f"pod {name}: image {container.image!r} cannot be pulled ({waiting.reason}): "
-                            f"{waiting.message or 'no message'}")  # fmt: skip
+                            f"{waiting.message or 'no message'}")
         else:  # CreateContainerConfigError, InvalidImageName, ...
             problems.append(f"pod {name}: {container.name}: {waiting.reason}: {waiting.message or 'no message'}")
     return problems

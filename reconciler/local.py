@@ -30,7 +30,7 @@ from pathlib import Path
 from modelgw.net import free_port
 from modelgw.process import PARENT_PID_ENV
 from modelgw.protos import registry_pb2 as rpb
-from modelgw.reconciler.backend import Workload, spec_hash
+from modelgw.reconciler.backend import Workload, custom_command, spec_hash
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class Replica:
             log.warning(
                 "runtime %s: replica %s exited with code %s; restarting in %.1fs (log: %s)",
                 name, self.instance, code, backoff, self.group.backend.log_path(self.instance),
-            )  # fmt: skip
+            )
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), backoff)
             backoff = min(backoff * 2, 30.0)
@@ -250,13 +250,9 @@ class LocalBackend:
         values = dict(
             python=self.python, host=self.host, port=port, etcd=self.etcd, prefix=self.prefix,
             runtime=spec.name, instance=instance, kind=spec.kind,
-        )  # fmt: skip
+        )
         if spec.command:
-            try:
-                return [part.format(**values) for part in spec.command]
-            except (KeyError, IndexError, ValueError) as exc:
-                known = " ".join(f"{{{k}}}" for k in values)
-                raise ValueError(f"runtimes/{spec.name}: command: bad placeholder {exc} (known: {known})") from None
+            return custom_command(spec, values)
         argv = [
             self.python, "-m", "modelgw", "runtime", "serve",
             "--kind", spec.kind,
@@ -269,7 +265,7 @@ class LocalBackend:
             "--lease-ttl", str(self.lease_ttl),
             # drain within the time we give it before SIGKILL
             "--drain-timeout", f"{max(1.0, self.stop_grace - 2):g}",
-        ]  # fmt: skip
+        ]
         for key, value in sorted(spec.options.items()):
             argv += ["--option", f"{key}={value}"]
         return argv
@@ -286,7 +282,7 @@ class LocalBackend:
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
                 env=env,
-            )  # fmt: skip
+            )
         finally:
             os.close(out)  # the child has its own copy
         log.info("runtime %s: started replica %s (pid %d)", spec.name, instance, process.pid)

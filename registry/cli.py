@@ -309,7 +309,7 @@ def _runtime_row(record: rpb.RuntimeRecord) -> tuple[str, ...]:
     degraded = [c.message for c in record.status.conditions if c.type == "Degraded" and c.status == "True"]
     problems = "; ".join(degraded) or "-"
     return (spec.name, spec.kind, str(spec.replicas), ready, ",".join(spec.model_formats), str(record.revision),
-            problems)  # fmt: skip
+            problems)
 
 
 def _endpoint_row(endpoint: rpb.Endpoint) -> tuple[str, ...]:

@@ -67,7 +67,7 @@ class Emulator(kmock.KubernetesEmulator):
             self.expire_next_watch = False
             yield b""
             gone = {"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 410, "reason": "Expired",
-                    "message": "too old resource version"}  # fmt: skip
+                    "message": "too old resource version"}
             yield {"type": "ERROR", "object": gone}
             return
         async for event in super()._serve_watch(request):
@@ -87,7 +87,7 @@ async def emulator() -> AsyncIterator[tuple[Emulator, k8s.ApiClient]]:
 
 
 SETTINGS = KubeSettings(namespace=NAMESPACE, etcd_endpoints="etcd.modelgw.svc:2379", registry_prefix="/modelgw/v1/",
-                        default_images=default_runtime_images())  # fmt: skip
+                        default_images=default_runtime_images())
 
 
 def backend_of(api: k8s.ApiClient) -> KubernetesBackend:
@@ -213,7 +213,7 @@ async def test_a_rejected_apply_is_a_problem_and_is_tried_again(emulator) -> Non
     emu, api = emulator
     backend = backend_of(api)
     emu.forbidden["runtime-py"] = ('deployments.apps "runtime-py" is forbidden: User "system:serviceaccount:m:r" '
-                                   'cannot patch resource "deployments"')  # fmt: skip
+                                   'cannot patch resource "deployments"')
     wanted = await ensure(backend, runtime())  # no exception: other runtimes' passes go on
     workload = (await backend.observe())["py"]
     assert workload.spec_hash != wanted  # so the core applies again on the next pass
@@ -230,7 +230,7 @@ async def test_a_rejected_apply_is_a_problem_and_is_tried_again(emulator) -> Non
 def crash_looping_pod(runtime_name: str) -> dict:
     """A pod as the kubelet leaves one whose container keeps exiting (the stand-in for a kubelet)."""
     labels = {"app.kubernetes.io/name": "modelgw-runtime", "app.kubernetes.io/instance": runtime_name,
-              "app.kubernetes.io/component": "runtime", "app.kubernetes.io/managed-by": "modelgw"}  # fmt: skip
+              "app.kubernetes.io/component": "runtime", "app.kubernetes.io/managed-by": "modelgw"}
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": f"runtime-{runtime_name}-7d9f8-abcde", "namespace": NAMESPACE, "labels": labels},
@@ -247,7 +247,7 @@ def crash_looping_pod(runtime_name: str) -> dict:
                                              "message": "error: unknown runtime kind 'pyhton'"}},
             }],
         },
-    }  # fmt: skip
+    }
 
 
 def unschedulable_pod(runtime_name: str) -> dict:
@@ -256,7 +256,7 @@ def unschedulable_pod(runtime_name: str) -> dict:
     pod["status"] = {"phase": "Pending", "conditions": [{
         "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
         "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
-    }]}  # fmt: skip
+    }]}
     return pod
 
 
@@ -301,7 +301,7 @@ async def test_the_reconciler_removes_orphans_and_shows_a_crash_loop_in_get_runt
                "metadata": {"name": "web", "namespace": NAMESPACE, "labels": {"app.kubernetes.io/name": "web"}},
                "spec": {"selector": {"matchLabels": {"app": "web"}},
                         "template": {"metadata": {"labels": {"app": "web"}},
-                                     "spec": {"containers": [{"name": "web", "image": "nginx"}]}}}}  # fmt: skip
+                                     "spec": {"containers": [{"name": "web", "image": "nginx"}]}}}}
     await asyncio.to_thread(apps.create_namespaced_deployment, NAMESPACE, foreign)
 
     async with RegistryStore(etcd_server.endpoint, prefix=etcd_prefix) as store:
@@ -331,7 +331,7 @@ async def test_the_reconciler_removes_orphans_and_shows_a_crash_loop_in_get_runt
             [sys.executable, "-m", "modelgw", "get", "runtimes", *args,
              "--etcd", etcd_server.endpoint, "--prefix", etcd_prefix],
             capture_output=True, text=True, cwd=REPO, timeout=60,
-        )  # fmt: skip
+        )
         assert shown.returncode == 0, shown.stderr
         return shown.stdout
 
@@ -360,7 +360,7 @@ async def test_the_watch_wakes_the_reconciler_and_relists_after_410(emulator, et
 
             def deployment_gets(watching: bool) -> int:
                 return sum(1 for r in emu if r.method == "GET" and r.resource == DEPLOYMENTS
-                           and (r.params.get("watch") == "true") == watching)  # fmt: skip
+                           and (r.params.get("watch") == "true") == watching)
 
             # watched, expired, relisted, watched again
             await until(lambda: deployment_gets(watching=True) >= 2, "a second watch after the 410")
@@ -371,7 +371,7 @@ async def test_the_watch_wakes_the_reconciler_and_relists_after_410(emulator, et
             # someone scales the Deployment by hand: the watch wakes a pass, which puts it back
             await asyncio.to_thread(apps.patch_namespaced_deployment, "runtime-py", NAMESPACE, {"spec": {"replicas": 5}})
             await until(lambda: stored(emu, DEPLOYMENTS, "runtime-py")["spec"]["replicas"] == 2,
-                        "the registry's replica count restored")  # fmt: skip
+                        "the registry's replica count restored")
         finally:
             await stop(task)
 
@@ -385,7 +385,7 @@ async def test_modelgw_reconcile_with_a_kubeconfig_applies_and_deletes(emulator,
         "clusters": [{"name": "emulator", "cluster": {"server": api.configuration.host}}],
         "users": [{"name": "reconciler", "user": {"token": "unused"}}],
         "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "reconciler"}}],
-    }))  # fmt: skip
+    }))
     processes = Processes(tmp_path)
     try:
         async with RegistryStore(etcd_server.endpoint, prefix=etcd_prefix) as store:
@@ -394,9 +394,9 @@ async def test_modelgw_reconcile_with_a_kubeconfig_applies_and_deletes(emulator,
                 "reconciler", "reconcile", "--backend", "kubernetes", "--namespace", NAMESPACE,
                 "--kubeconfig", str(kubeconfig), "--pod-etcd", "etcd.modelgw.svc:2379",
                 "--etcd", etcd_server.endpoint, "--prefix", etcd_prefix, "--identity", "cli", "--lease-ttl", "3",
-            )  # fmt: skip
+            )
             await until(lambda: stored(emu, DEPLOYMENTS, "runtime-cli") is not None, "runtime-cli applied",
-                        logs=processes.logs)  # fmt: skip
+                        logs=processes.logs)
             (container,) = stored(emu, DEPLOYMENTS, "runtime-cli")["spec"]["template"]["spec"]["containers"]
             assert "etcd.modelgw.svc:2379" in container["command"]
             assert stored(emu, PDBS, "runtime-cli") is not None
@@ -404,9 +404,9 @@ async def test_modelgw_reconcile_with_a_kubeconfig_applies_and_deletes(emulator,
             await store.apply_runtime(runtime("stays", replicas=1))
             await store.delete_runtime("cli")
             await until(lambda: stored(emu, DEPLOYMENTS, "runtime-cli") is None, "runtime-cli deleted",
-                        logs=processes.logs)  # fmt: skip
+                        logs=processes.logs)
             await until(lambda: stored(emu, DEPLOYMENTS, "runtime-stays") is not None, "runtime-stays applied",
-                        logs=processes.logs)  # fmt: skip
+                        logs=processes.logs)
             assert reconciler.terminate() == 0, processes.logs()
             # a stopping reconciler leaves its Deployments running: the next leader takes them over
             assert stored(emu, DEPLOYMENTS, "runtime-stays") is not None

@@ -30,7 +30,7 @@ def dry_run(etcd: str, prefix: str, *extra: str) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "modelgw", "reconcile", "--backend", "kubernetes", "--dry-run",
          "--etcd", etcd, "--prefix", prefix, "--namespace", "serving", *extra],
         capture_output=True, text=True, cwd=REPO, timeout=60,
-    )  # fmt: skip
+    )
 
 
 def validate_with_cli(cli: Path, path: Path) -> subprocess.CompletedProcess:
@@ -150,7 +150,7 @@ def test_no_cluster_to_talk_to_is_one_clear_error(tmp_path: Path) -> None:
         [sys.executable, "-m", "modelgw", "reconcile", "--backend", "kubernetes", "--namespace", "serving",
          "--etcd", "127.0.0.1:1", "--pod-etcd", "etcd.serving.svc:2379"],
         capture_output=True, text=True, cwd=REPO, timeout=60, env=env,
-    )  # fmt: skip
+    )
     assert result.returncode == 2, result.stderr
     assert "modelgw reconcile: error: no Kubernetes API to talk to" in result.stderr
     assert "Traceback" not in result.stderr

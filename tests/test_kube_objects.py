@@ -214,7 +214,7 @@ def test_what_cannot_work_is_refused_with_a_message() -> None:
     ("pvc://models/../etc/passwd", "must not contain '.' or '..'"),
     ("pvc://models/%2e%2e/etc/passwd", "must not contain '.' or '..'"),
     ("pvc://models/a?x=1", "take no '?' or '#'"),
-])  # fmt: skip
+])
 def test_bad_pvc_uris_are_refused_by_the_registry(uri: str, message: str) -> None:
     (problem,) = model_problems(model("m", uri))
     assert "versions[0].uri" in problem and message in problem

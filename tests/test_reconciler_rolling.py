@@ -68,7 +68,7 @@ async def test_a_spec_change_rolls_one_replica_at_a_time_without_failures(etcd_s
             await store.apply_runtime(runtime)
             model = rpb.ModelSpec(name="triple")
             model.versions.add(version="1", uri="modelgw.runtimes.examples.scale:Scale", format="python",
-                               runtime="roll")  # fmt: skip
+                               runtime="roll")
             await store.apply_model(model)
 
             async def all_ready() -> dict:
@@ -87,7 +87,7 @@ async def test_a_spec_change_rolls_one_replica_at_a_time_without_failures(etcd_s
             unsubscribe = view.subscribe(count_ready)
             with SteadyTraffic(gateway.grpc_url) as traffic:
                 await until(lambda: traffic.factors == {2.0}, "traffic flows through the gateway",
-                            logs=processes.logs)  # fmt: skip
+                            logs=processes.logs)
                 runtime.options["factor"] = "5"  # every model gets the option: new processes needed
                 await store.apply_runtime(runtime)
 
