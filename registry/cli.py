@@ -241,7 +241,7 @@ async def _get(args: argparse.Namespace) -> int:
             endpoints = list((await registry.list_endpoints(args.name or "")).endpoints)
             documents = [files.endpoint_document(e) for e in endpoints]
             rows = [_endpoint_row(e) for e in endpoints]
-            header = ("RUNTIME", "INSTANCE", "ADDRESS", "READY", "MODELS")
+            header = ("RUNTIME", "INSTANCE", "ADDRESS", "READY", "MODELS", "NOTES")
     if args.output == "yaml":
         if documents:
             sys.stdout.write(files.dump_yaml(documents))
@@ -316,7 +316,10 @@ def _endpoint_row(endpoint: rpb.Endpoint) -> tuple[str, ...]:
     models = ",".join(
         f"{m.name}:{m.version or '-'}:{rpb.LoadedModel.State.Name(m.state)}" for m in endpoint.models
     )
-    return (endpoint.runtime, endpoint.instance, endpoint.address, str(endpoint.ready).lower(), models or "-")
+    # what the models say (e.g. the LLM engine chosen and why); last column: it has spaces
+    notes = "; ".join(f"{m.name}:{m.version or '-'} {m.message}" for m in endpoint.models if m.message)
+    return (endpoint.runtime, endpoint.instance, endpoint.address, str(endpoint.ready).lower(), models or "-",
+            notes or "-")
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:

@@ -107,6 +107,7 @@ class Model:
     inputs: Sequence[TensorSpec] = ()
     outputs: Sequence[TensorSpec] = ()
     max_batch_size: int = 0
+    status_message: str = ""  # set in load(): shown with READY in the endpoint record (e.g. the LLM engine chosen)
 
     def __init__(
         self,

@@ -243,7 +243,7 @@ class ModelRepository:
                 raise ModelLoadError(f"model '{name}' version '{version}': {message}") from exc
             self._ready[key] = served
             self._choose_default(name)
-            self._publish(ModelStatus(name, version, ModelState.READY, uri=uri))
+            self._publish(ModelStatus(name, version, ModelState.READY, served.model.status_message, uri))
             log.info("model '%s' version '%s' is ready (%s)", name, version, served.metadata.platform)
             if previous is not None:
                 await self._retire(previous)

@@ -146,7 +146,7 @@ def test_through_the_registry_service(server, direct, tmp_path, etcd_server, etc
 
     lease_id = asyncio.run(register_endpoint())
     endpoints = modelgw("get", "endpoints", *server)
-    assert endpoints.stdout.splitlines()[1].split() == ["torch", "torch-0", "127.0.0.1:9100", "true", "resnet:1:READY"]
+    assert endpoints.stdout.splitlines()[1].split() == ["torch", "torch-0", "127.0.0.1:9100", "true", "resnet:1:READY", "-"]
     only_onnx = modelgw("get", "endpoints", "onnx", *server)
     assert only_onnx.returncode == 0 and only_onnx.stderr.strip() == "No endpoints found."
 

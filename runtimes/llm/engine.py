@@ -25,38 +25,26 @@ TorchEngine = Scheduler (who runs; appends tokens, applies stops, finishes, free
 cache) + ModelRunner (cache tensors, forward, sampler). Only the runner touches the model,
 and nothing but the scheduler changes a Sequence.
 
-The `tensorrt` engine (design, not built: no GPU here)
------------------------------------------------------
-It reuses everything above except the ModelRunner: scheduling, the block pool, stops
-and detokenization are engine-independent, and a `TensorRTRunner.execute(step) ->
-SampleResult` takes the same ScheduledStep (plain data: token ids, positions, block ids,
-sampling parameters) and samples on the GPU with the shared Sampler.
+The `tensorrt` engine: runtimes/llm/tensorrt_engine.py (TensorRTEngine = this engine with
+a TensorRTRunner over onnx_export's step graph; optimization profiles, the plan cache and
+its refusal of foreign plans are described and unit-tested there; its TensorRT parts have
+not run yet: no GPU or TensorRT on our machines).
 
-- Export: the Decoder's forward is exported to ONNX with flat inputs (input_ids [T],
-  positions [T], slot_mapping [T], block tables [rows, max_blocks], context lengths
-  [rows], logits_index [S]) and the KV cache as external tensors: one device buffer per
-  layer for K and V ([blocks, block_size, kv_heads, head_dim]), allocated by the runner
-  from the same memory budget and bound by address on every execution (in/out aliasing,
-  updated in place by a paged-attention plugin), never copied through the engine.
-  The ONNX export of each shape profile is checked against onnxruntime on CPU.
-- Optimization profiles are fixed at build time: one for decode (T = rows in
-  1..max_num_seqs, opt at max_num_seqs) and one for prefill/mixed steps (T in
-  1..max_num_batched_tokens); the scheduler's limits must lie within them, so the engine
-  config is part of the cache key. Decode steps may be captured as CUDA graphs per batch
-  size bucket.
-- Engine cache on disk: <cache_dir>/<key>.plan with key = sha256 of (config.json, the
-  safetensors files' headers and sizes, dtype, the profiles and scheduler limits) +
-  TensorRT version + GPU name and compute capability. A missing plan is built once (slow)
-  and written atomically (temp file + rename); a plan for another GPU or TensorRT version
-  is never loaded.
-- fp16/bf16 only; logits are float32 for the shared sampler.
+Which engine: `create_engine(checkpoint, config)` asks `choose_engine(config, platform)`,
+with the platform (a CUDA GPU? TensorRT importable?) from `detect_platform()` or given by
+a test. engine=auto (the default) takes tensorrt where a GPU and TensorRT are present,
+else torch on CUDA, else torch on CPU; the EngineChoice (engine, device, reason) is
+logged, kept on the engine (`engine.choice`), and the runtime publishes it as the model's
+message in its endpoint record. A named engine whose needs are missing fails at load
+saying what is missing and how to get it. quantization=int8 (quantization.py) is the torch
+engine's on CPU only; any other combination is refused at load.
 """
 
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -64,17 +52,23 @@ from modelgw.runtimes.errors import ModelLoadError
 from modelgw.runtimes.llm.checkpoint import Checkpoint
 from modelgw.runtimes.llm.kv_cache import BlockPool, KVCache, blocks_for_budget
 from modelgw.runtimes.llm.model import Decoder
+from modelgw.runtimes.llm.quantization import int8_supported
 from modelgw.runtimes.llm.runner import ModelRunner
 from modelgw.runtimes.llm.sampling import SamplingParams
 from modelgw.runtimes.llm.scheduler import Scheduler, SchedulerConfig
 from modelgw.runtimes.llm.sequence import RequestOutput, Sequence
 
-__all__ = ["ENGINES", "Engine", "EngineConfig", "EngineFigures", "GenerationRequest", "RequestOutput",
-           "TorchEngine", "create_engine"]
+__all__ = ["ENGINES", "QUANTIZATIONS", "Engine", "EngineChoice", "EngineConfig", "EngineFigures",
+           "GenerationRequest", "Platform", "RequestOutput", "TorchEngine", "choose_engine", "create_engine",
+           "detect_platform"]
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("torch", "tensorrt")
+ENGINES = ("auto", "torch", "tensorrt", "onnxruntime")
+QUANTIZATIONS = ("none", "int8")
+TENSORRT_HOW_TO_GET = ("install it on a machine with an NVIDIA GPU and driver: `python -m pip install --upgrade "
+                       "tensorrt` (CUDA 13; `tensorrt-cu12` for CUDA 12; the wheels come from NVIDIA's index, "
+                       "pypi.nvidia.com)")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -94,7 +88,7 @@ class EngineFigures:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    engine: str = "torch"
+    engine: str = "auto"                   # auto | torch | tensorrt | onnxruntime (choose_engine)
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
     dtype: str = "auto"                    # auto | float32 | bfloat16 | float16
     max_num_seqs: int = 32
@@ -103,12 +97,104 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_bytes: int | None = None      # default: room for max_num_seqs full-length sequences, at most 1 GiB
     max_waiting: int = 1024
+    quantization: str = "none"             # none | int8 (weight-only, torch engine on CPU)
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What engine=auto looks at. `detect_platform()` reads this machine's; tests pass their own."""
+
+    gpu_name: str | None                  # the first CUDA GPU's name; None: no CUDA GPU torch can use
+    tensorrt_version: str | None          # None: `import tensorrt` failed
+    tensorrt_missing: str = ""            # why it failed (the import error)
+
+
+def detect_platform() -> Platform:
+    gpu_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    try:
+        import tensorrt  # type: ignore[import-not-found, unused-ignore]
+    except Exception as exc:  # ImportError, or OSError from libraries the bindings cannot load
+        return Platform(gpu_name, None, f"import tensorrt failed: {type(exc).__name__}: {exc}")
+    return Platform(gpu_name, str(tensorrt.__version__))
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """The engine and device an EngineConfig resolves to, and why (logged; in the endpoint record)."""
+
+    engine: str                           # torch | tensorrt | onnxruntime
+    device: str                           # cpu | cuda | cuda:N
+    reason: str
+
+    def describe(self) -> str:
+        return f"engine {self.engine} on {self.device}: {self.reason}"
+
+
+def choose_engine(config: EngineConfig, platform: Platform) -> EngineChoice:
+    """engine=auto: tensorrt where a GPU and TensorRT are present, else torch on CUDA, else
+    torch on CPU. A named engine is checked against the platform: ModelLoadError naming what
+    is missing (and how to get it) or which options cannot go together."""
+    engine, device, quantization = config.engine, config.device, config.quantization
+    if engine not in ENGINES:
+        raise ModelLoadError(f"unknown LLM engine '{engine}'; engines: {', '.join(ENGINES)}")
+    if quantization not in QUANTIZATIONS:
+        raise ModelLoadError(f"quantization '{quantization}' is not supported; use one of {', '.join(QUANTIZATIONS)}")
+    gpu = platform.gpu_name
+    wants_cpu = device == "cpu"
+    if engine == "auto":
+        if wants_cpu:
+            choice = EngineChoice("torch", "cpu", "auto: device=cpu asked")
+        elif quantization == "int8":
+            if device != "auto" or gpu is not None:
+                raise ModelLoadError(
+                    f"quantization=int8 runs on the torch engine on CPU only, and this would run on a GPU "
+                    f"({gpu or device}); set device=cpu, or drop quantization"
+                )
+            choice = EngineChoice("torch", "cpu", "auto: no CUDA GPU (quantization=int8: torch on CPU)")
+        elif gpu is None:
+            if device != "auto":
+                raise ModelLoadError(f"device '{device}' asked for, but no CUDA GPU is available")
+            choice = EngineChoice("torch", "cpu", "auto: no CUDA GPU")
+        elif platform.tensorrt_version is not None:
+            choice = EngineChoice("tensorrt", _cuda(device),
+                                  f"auto: GPU {gpu} and TensorRT {platform.tensorrt_version} present")
+        else:
+            choice = EngineChoice("torch", _cuda(device),
+                                  f"auto: GPU {gpu} but no TensorRT ({platform.tensorrt_missing or 'not installed'})")
+    elif engine == "tensorrt":
+        missing = []
+        if wants_cpu:
+            missing.append("a GPU: device=cpu was asked (TensorRT runs on NVIDIA GPUs only)")
+        elif gpu is None:
+            missing.append("an NVIDIA GPU: torch sees no CUDA device (torch.cuda.is_available() is False)")
+        if platform.tensorrt_version is None:
+            missing.append(f"TensorRT ({platform.tensorrt_missing or 'not installed'}); {TENSORRT_HOW_TO_GET}")
+        if missing:
+            raise ModelLoadError(f"engine=tensorrt cannot load: it needs {'; and '.join(missing)}. "
+                                 "engine=torch (or auto) runs without them")
+        choice = EngineChoice("tensorrt", _cuda(device), f"engine=tensorrt asked; TensorRT {platform.tensorrt_version}")
+    else:
+        resolved = "cpu" if wants_cpu or (device == "auto" and gpu is None) else device
+        if resolved != "cpu" and gpu is None:
+            raise ModelLoadError(f"device '{device}' asked for, but no CUDA GPU is available")
+        choice = EngineChoice(engine, _cuda(resolved) if resolved != "cpu" else "cpu", f"engine={engine} asked")
+    if quantization == "int8" and (choice.engine != "torch" or choice.device != "cpu"):
+        raise ModelLoadError(
+            f"quantization=int8 is built for the torch engine on CPU only, not {choice.engine} on {choice.device}; "
+            "use engine=torch with device=cpu, or drop quantization"
+        )
+    return choice
+
+
+def _cuda(device: str) -> str:
+    return "cuda" if device == "auto" else device
 
 
 class Engine(ABC):
     """What the runtime drives. Not thread-safe: one thread calls everything but figures()."""
 
     max_model_len: int
+    choice: EngineChoice | None = None    # set by create_engine
 
     @abstractmethod
     def add_request(self, request: GenerationRequest) -> None:
@@ -196,16 +282,23 @@ class TorchEngine(Engine):
             scheduler_config.check()
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from None
+        if config.quantization == "int8":
+            if device.type != "cpu":
+                raise ModelLoadError(f"quantization=int8 is built for the CPU only, not {device}; use device=cpu")
+            unsupported = int8_supported()
+            if unsupported:
+                raise ModelLoadError(f"quantization=int8: {unsupported}")
         self.model = Decoder.from_weights(model_config, checkpoint.load_weights(), max_len=max_model_len,
-                                          device=device, dtype=dtype)
+                                          device=device, dtype=dtype, quantization=config.quantization)
         self.pool = BlockPool(num_blocks, config.block_size)
         self.cache = KVCache(model_config.num_layers, num_blocks, config.block_size, model_config.num_kv_heads,
                              model_config.head_dim, dtype, device)
         self.scheduler = Scheduler(scheduler_config, self.pool)
         self.runner = ModelRunner(self.model, self.cache)
         self.device, self.dtype = device, dtype
-        log.info("torch engine: %s %s, %d layers, KV cache %d blocks x %d tokens (%.1f MiB), max_model_len %d",
-                 device, str(dtype).removeprefix("torch."), model_config.num_layers, num_blocks, config.block_size,
+        log.info("torch engine: %s %s%s, %d layers, KV cache %d blocks x %d tokens (%.1f MiB), max_model_len %d",
+                 device, str(dtype).removeprefix("torch."),
+                 " int8 weights" if config.quantization == "int8" else "", model_config.num_layers, num_blocks, config.block_size,
                  self.cache.nbytes / 2**20, max_model_len)
 
     # -- requests
@@ -239,12 +332,23 @@ class TorchEngine(Engine):
         del self.cache, self.model, self.runner
 
 
-def create_engine(checkpoint: Checkpoint, config: EngineConfig) -> Engine:
-    if config.engine == "torch":
-        return TorchEngine(checkpoint, config)
-    if config.engine == "tensorrt":
-        raise ModelLoadError(
-            "the tensorrt engine is designed (see modelgw.runtimes.llm.engine) but not built yet: "
-            "it needs an NVIDIA GPU with TensorRT; use engine=torch"
-        )
-    raise ModelLoadError(f"unknown LLM engine '{config.engine}'; engines: {', '.join(ENGINES)}")
+def create_engine(checkpoint: Checkpoint, config: EngineConfig, platform: Platform | None = None) -> Engine:
+    """The engine `choose_engine` picks for this config on this platform (detected when None)."""
+    choice = choose_engine(config, platform or detect_platform())
+    log.info("LLM %s", choice.describe())
+    resolved = replace(config, engine=choice.engine, device=choice.device)
+    engine: Engine
+    if choice.engine == "torch":
+        engine = TorchEngine(checkpoint, resolved)
+    elif choice.engine == "tensorrt":
+        from modelgw.runtimes.llm.tensorrt_engine import TensorRTEngine  # imports this module
+
+        engine = TensorRTEngine(checkpoint, resolved)
+    elif choice.engine == "onnxruntime":
+        from modelgw.runtimes.llm.ort_runner import OnnxRuntimeEngine  # imports this module
+
+        engine = OnnxRuntimeEngine(checkpoint, resolved)
+    else:
+        raise ModelLoadError(f"the {choice.engine} engine is not built yet; use engine=torch")
+    engine.choice = choice
+    return engine

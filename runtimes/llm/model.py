@@ -14,13 +14,15 @@ Logits are computed for the rows the sampler needs only (`StepBatch.logits_index
 Weights are plain tensors (no nn.Module): q/k/v are fused into one projection, and so are
 gate/up, which saves matmul calls per layer. On the CPU in float32 the projection
 weights are kept in oneDNN's blocked layout (`pack_linear_weight`): the decode step is
-a chain of few-row matmuls, and these run about twice as fast as F.linear's there. The
+a chain of few-row matmuls, and these run about twice as fast as F.linear's there. With
+quantization="int8" they are int8 instead (quantization.Int8Weight; `linear` takes both). The
 model runner owns the cache tensors and builds the StepBatch.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from modelgw.runtimes.errors import ModelLoadError
 from modelgw.runtimes.llm.checkpoint import ModelConfig, RopeConfig
 from modelgw.runtimes.llm.kv_cache import KVCache
+from modelgw.runtimes.llm.quantization import Int8Weight, quantize_int8
 
 
 @dataclass
@@ -107,8 +110,10 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
         return weight
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, for plain or `pack_linear_weight`-packed weights."""
+def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, for plain, `pack_linear_weight`-packed or int8 (quantization.py) weights."""
+    if isinstance(weight, Int8Weight):
+        return weight.linear(x, bias)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
@@ -122,14 +127,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
+    qkv: torch.Tensor | Int8Weight
     qkv_bias: torch.Tensor | None
-    o: torch.Tensor
+    o: torch.Tensor | Int8Weight
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
+    gate_up: torch.Tensor | Int8Weight
     gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
+    down: torch.Tensor | Int8Weight
     down_bias: torch.Tensor | None
 
 
@@ -137,7 +142,7 @@ class Decoder:
     """The decoder's weights and forward pass. Build with `Decoder.from_weights`."""
 
     def __init__(self, config: ModelConfig, embed: torch.Tensor, layers: list[LayerWeights],
-                 norm: torch.Tensor, lm_head: torch.Tensor, max_len: int) -> None:
+                 norm: torch.Tensor, lm_head: torch.Tensor | Int8Weight, max_len: int) -> None:
         self.config = config
         self.embed = embed
         self.layers = layers
@@ -158,8 +163,10 @@ class Decoder:
 
     @classmethod
     def from_weights(cls, config: ModelConfig, weights: dict[str, Any], *, max_len: int,
-                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Decoder:
-        """From Hugging Face tensor names (model.layers.N.self_attn.q_proj.weight, ...)."""
+                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                     quantization: str = "none") -> Decoder:
+        """From Hugging Face tensor names (model.layers.N.self_attn.q_proj.weight, ...).
+        quantization="int8": the projections and an untied lm_head as Int8Weight (CPU)."""
 
         def maybe(name: str) -> torch.Tensor | None:
             tensor = weights.pop(name, None)
@@ -216,13 +223,15 @@ class Decoder:
                 down=take(f"{p}mlp.down_proj.weight"),
                 down_bias=maybe(f"{p}mlp.down_proj.bias"),
             ))
+        prepare: Callable[[torch.Tensor], torch.Tensor | Int8Weight] = (
+            quantize_int8 if quantization == "int8" else pack_linear_weight)
         for layer in layers:
             for name in ("qkv", "o", "gate_up", "down"):
-                setattr(layer, name, pack_linear_weight(getattr(layer, name)))
+                setattr(layer, name, prepare(getattr(layer, name)))
         norm = take("model.norm.weight")
         lm_head = maybe("lm_head.weight") if config.tie_word_embeddings else take("lm_head.weight")
-        # a tied head stays the embedding itself: a packed copy would double its memory
-        lm_head = embed if lm_head is None else pack_linear_weight(lm_head)
+        # a tied head stays the embedding itself: a packed (or int8) copy would add to its memory
+        lm_head = embed if lm_head is None else prepare(lm_head)
         return cls(config, embed, layers, norm, lm_head, max_len)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

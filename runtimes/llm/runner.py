@@ -57,11 +57,16 @@ class ModelRunner:
             self._requests[new.request_id] = _RunnerRequest(new.block_ids, new.params, generator)
         if step.empty:
             return SampleResult([], [])
-        logits = self.model.forward(self.build(step), self.cache)  # float32 [sample rows, vocab]
+        logits = self.forward(step)  # float32 [sample rows, vocab]
         sampling = [self._requests[request_id] for request_id in step.sampling_ids]
         if not sampling:
             return SampleResult([], [])
         return self.sampler.sample(logits, [r.params for r in sampling], [r.generator for r in sampling])
+
+    def forward(self, step: ScheduledStep) -> torch.Tensor:
+        """A non-empty step's float32 logits [sample rows, vocab], its K/V written to the cache.
+        A runner of another backend (ort_runner.py) overrides this, and only this."""
+        return self.model.forward(self.build(step), self.cache)
 
     def build(self, step: ScheduledStep) -> StepBatch:
         bs = self.block_size

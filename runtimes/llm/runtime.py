@@ -213,7 +213,7 @@ def _option_int(options: Mapping[str, str], key: str, default: int | None) -> in
 
 
 class LLMModel(Model):
-    """A Llama-family checkpoint served by the torch engine, with streaming."""
+    """A Llama-family checkpoint served by the engine `engine=` picks (auto: engine.choose_engine), with streaming."""
 
     platform = "llm_torch"
     inputs = [
@@ -256,11 +256,14 @@ class LLMModel(Model):
             block_size=_option_int(options, "block_size", defaults.block_size),
             kv_cache_bytes=kv_bytes,
             max_waiting=_option_int(options, "max_waiting", defaults.max_waiting),
+            quantization=options.get("quantization", defaults.quantization),
         )
         self.checkpoint = Checkpoint.open(local_path(self.uri))  # file://, pvc:// as every kind reads them
         self.tokenizer = self.checkpoint.tokenizer
         engine = _in_own_thread(create_engine, self.checkpoint, config)
-        self.platform = f"llm_{config.engine}"
+        choice = engine.choice
+        self.platform = f"llm_{choice.engine if choice else config.engine}"
+        self.status_message = choice.describe() if choice else ""  # in the endpoint record: which engine, why
         self.max_model_len = engine.max_model_len
         self.engine = AsyncEngine(engine, self.name)
         self._ids = itertools.count()
