@@ -31,31 +31,25 @@ from modelgw.runtimes.llm.checkpoint import Checkpoint
 from modelgw.runtimes.llm.engine import EngineConfig, TorchEngine
 from modelgw.runtimes.llm.kv_cache import KVCache
 from modelgw.runtimes.llm.onnx_export import export_decoder, graph_inputs
-from modelgw.runtimes.llm.runner import ModelRunner, _RunnerRequest
-from modelgw.runtimes.llm.sampling import Sampler
+from modelgw.runtimes.llm.runner import StepRunner
 from modelgw.runtimes.llm.scheduler import ScheduledStep
 
 log = logging.getLogger(__name__)
 
 
-class OnnxRuntimeRunner(ModelRunner):
-    """A ModelRunner whose forward pass is an onnxruntime session of the step graph."""
+class OnnxRuntimeRunner(StepRunner):
+    """A runner whose forward pass is an onnxruntime session of the step graph."""
 
     def __init__(self, session: Any, cache: KVCache) -> None:
-        # ModelRunner's state without its Decoder: the model here is the session
         if cache.keys.dtype != torch.float32 or cache.keys.device.type != "cpu":
             raise ModelLoadError(f"the onnxruntime runner needs a float32 CPU KV cache, got "
                                  f"{cache.keys.dtype} on {cache.keys.device}")
+        super().__init__(cache.block_size, torch.device("cpu"))
         self.session = session
         self.cache = cache
-        self.block_size = cache.block_size
-        self.device = torch.device("cpu")
-        self.sampler = Sampler()
-        self._requests: dict[str, _RunnerRequest] = {}
 
     def forward(self, step: ScheduledStep) -> torch.Tensor:
-        block_ids = {row.request_id: self._requests[row.request_id].block_ids for row in step.rows}
-        feed: dict[str, np.ndarray] = graph_inputs(step, block_ids, self.block_size)
+        feed: dict[str, np.ndarray] = graph_inputs(step, self.block_ids(step), self.block_size)
         feed["key_cache"] = self.cache.keys.numpy()
         feed["value_cache"] = self.cache.values.numpy()
         logits, keys, values = self.session.run(None, feed)

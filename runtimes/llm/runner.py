@@ -35,14 +35,25 @@ class _RunnerRequest:
     generator: torch.Generator | None   # sampled (non-greedy) requests only
 
 
-class ModelRunner:
-    def __init__(self, model: Decoder, cache: KVCache) -> None:
-        self.model = model
-        self.cache = cache
-        self.block_size = cache.block_size
-        self.device = model.device
+class StepRunner:
+    """What every runner shares: per-request state from admission to departure, and
+    sampling on the logits' device. A backend (the torch Decoder below, onnxruntime,
+    TensorRT) implements forward(step), and only that."""
+
+    def __init__(self, block_size: int, device: torch.device) -> None:
+        self.block_size = block_size
+        self.device = device
         self.sampler = Sampler()
         self._requests: dict[str, _RunnerRequest] = {}
+
+    def block_ids(self, step: ScheduledStep) -> dict[str, list[int]]:
+        """The cache blocks of each request with a row in `step`."""
+        return {row.request_id: self._requests[row.request_id].block_ids for row in step.rows}
+
+    def forward(self, step: ScheduledStep) -> torch.Tensor:
+        """A non-empty step's float32 logits [sample rows, vocab] on `device`, its K/V
+        written to the cache."""
+        raise NotImplementedError
 
     def execute(self, step: ScheduledStep) -> SampleResult:
         """Run the step: its tokens' K/V go into the cache; the sampled tokens come back."""
@@ -63,9 +74,19 @@ class ModelRunner:
             return SampleResult([], [])
         return self.sampler.sample(logits, [r.params for r in sampling], [r.generator for r in sampling])
 
+    def close(self) -> None:
+        self._requests.clear()
+
+
+class ModelRunner(StepRunner):
+    """The torch runner: the Decoder over the paged KVCache."""
+
+    def __init__(self, model: Decoder, cache: KVCache) -> None:
+        super().__init__(cache.block_size, model.device)
+        self.model = model
+        self.cache = cache
+
     def forward(self, step: ScheduledStep) -> torch.Tensor:
-        """A non-empty step's float32 logits [sample rows, vocab], its K/V written to the cache.
-        A runner of another backend (ort_runner.py) overrides this, and only this."""
         return self.model.forward(self.build(step), self.cache)
 
     def build(self, step: ScheduledStep) -> StepBatch:
@@ -125,6 +146,3 @@ class ModelRunner:
             spans=spans,
             logits_index=torch.tensor(logits_index, dtype=torch.long, device=device),
         )
-
-    def close(self) -> None:
-        self._requests.clear()

@@ -42,7 +42,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import struct
 import tempfile
 from dataclasses import asdict, dataclass
@@ -53,6 +52,7 @@ from modelgw.runtimes.errors import ModelLoadError
 from modelgw.runtimes.llm.checkpoint import Checkpoint
 from modelgw.runtimes.llm.engine import TENSORRT_HOW_TO_GET, EngineConfig, TorchEngine
 from modelgw.runtimes.llm.onnx_export import INPUT_NAMES, OUTPUT_NAMES
+from modelgw.runtimes.llm.runner import StepRunner
 from modelgw.runtimes.llm.scheduler import SchedulerConfig
 
 __all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "BuildTarget", "ForeignPlanError", "PlanCache", "Profile", "ShapeRange",
@@ -302,20 +302,17 @@ def build_plan(onnx_path: str | Path, profiles: list[Profile], dtype: str, works
     return bytes(serialized)
 
 
-class TensorRTRunner:
-    """execute(step) -> SampleResult, as ModelRunner, on a deserialized TensorRT engine.
-
-    The per-request bookkeeping mirrors ModelRunner's (same _RunnerRequest, same shared
-    Sampler on the logits' device); the inputs are onnx_export's flat layout and the
-    forward pass is TensorRT's, on its own CUDA stream."""
+class TensorRTRunner(StepRunner):
+    """A runner whose forward pass is a deserialized TensorRT engine of the step graph,
+    on its own CUDA stream; the inputs are onnx_export's flat layout. The per-request
+    bookkeeping and sampling are StepRunner's, as for every runner."""
 
     def __init__(self, plan: bytes, profiles: list[Profile], cache_shape: tuple[int, ...], block_size: int,
                  device: Any) -> None:
         import tensorrt as trt
         import torch
 
-        from modelgw.runtimes.llm.sampling import Sampler
-
+        super().__init__(block_size, torch.device(device))
         self._trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -324,11 +321,7 @@ class TensorRTRunner:
             raise RuntimeError("TensorRT could not deserialize the plan")
         self.context = self.engine.create_execution_context()
         self.profiles = profiles
-        self.block_size = block_size
-        self.device = torch.device(device)
         self.stream = torch.cuda.Stream(device=self.device)
-        self.sampler = Sampler()
-        self._requests: dict[str, Any] = {}
         self._profile = -1
         # two cache pairs: the graph reads one and writes the other (see the module doc)
         # every buffer in the dtype the plan declares for it (build_plan sets the cache's)
@@ -347,28 +340,6 @@ class TensorRTRunner:
                  trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}
         return table[trt_dtype]
 
-    def execute(self, step: Any) -> Any:
-        import torch
-
-        from modelgw.runtimes.llm.runner import _RunnerRequest
-        from modelgw.runtimes.llm.sampling import SampleResult
-
-        for request_id in step.finished_ids:
-            self._requests.pop(request_id, None)
-        for new in step.new_requests:
-            generator = None
-            if not new.params.greedy:
-                generator = torch.Generator(device=self.device)
-                generator.manual_seed(new.params.seed if new.params.seed is not None else random.getrandbits(63))
-            self._requests[new.request_id] = _RunnerRequest(new.block_ids, new.params, generator)
-        if step.empty:
-            return SampleResult([], [])
-        logits = self.forward(self.flat_inputs(step))
-        sampling = [self._requests[request_id] for request_id in step.sampling_ids]
-        if not sampling:
-            return SampleResult([], [])
-        return self.sampler.sample(logits, [r.params for r in sampling], [r.generator for r in sampling])
-
     def flat_inputs(self, step: Any) -> dict[str, Any]:
         """The graph's index inputs for a step (onnx_export.graph_inputs: one row per token),
         as device tensors of the dtypes the plan expects."""
@@ -377,16 +348,16 @@ class TensorRTRunner:
 
         from modelgw.runtimes.llm.onnx_export import graph_inputs
 
-        block_ids = {row.request_id: self._requests[row.request_id].block_ids for row in step.rows}
-        arrays = graph_inputs(step, block_ids, self.block_size)
+        arrays = graph_inputs(step, self.block_ids(step), self.block_size)
         if not len(arrays["logits_index"]):  # a step of prompt chunks only: the profiles start at one logits row
             arrays["logits_index"] = np.zeros(1, dtype=np.int64)  # row 0's logits, unused
         dtypes = self._input_dtypes
         return {name: torch.from_numpy(array).to(device=self.device, dtype=dtypes[name]) for name, array in arrays.items()}
 
-    def forward(self, inputs: dict[str, Any]) -> Any:
+    def forward(self, step: Any) -> Any:
         import torch
 
+        inputs = self.flat_inputs(step)
         shapes = {name: tuple(t.shape) for name, t in inputs.items()}
         profile = select_profile(self.profiles, shapes)
         stream = self.stream.cuda_stream
@@ -415,7 +386,7 @@ class TensorRTRunner:
         return logits.float()  # the shared sampler takes float32
 
     def close(self) -> None:
-        self._requests.clear()
+        super().close()
         del self.context, self.engine, self.caches
 
 
