@@ -49,11 +49,19 @@ def _exists(pid: int) -> bool:
     return True
 
 
+def python_module(module: str, python: str = sys.executable) -> list[str]:
+    """argv that runs `python -m module` isolated from the caller's working directory: -P
+    (Python 3.11+) keeps the cwd off sys.path, so a folder named `modelgw` there (the parent
+    of a checkout) cannot shadow the installed package. Every process modelgw spawns of
+    itself starts so."""
+    return [python, "-P", "-m", module]
+
+
 def tied_to_this_process(argv: list[str], env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
     """(argv, env) that run the program `argv` so that it gets SIGTERM when this process
     dies, for a program that cannot call exit_with_parent() itself: `python -m
     modelgw.process PROGRAM ARGS...` arms the death signal, then execs the program."""
-    return [sys.executable, "-m", "modelgw.process", *argv], {**env, PARENT_PID_ENV: str(os.getpid())}
+    return [*python_module("modelgw.process"), *argv], {**env, PARENT_PID_ENV: str(os.getpid())}
 
 
 if __name__ == "__main__":

@@ -137,18 +137,16 @@ def make_demo_llm(directory: Path) -> Path:
     return make_checkpoint(directory, layers=2, hidden=64, heads=4, kv_heads=2, vocab=512)
 
 
-def _instructions(host: str, http_port: int, grpc_port: int, issuer: str, etcd: str, data_dir: Path | None) -> str:
+def _instructions(
+    host: str, http_port: int, grpc_port: int, issuer: str, etcd: str, data_dir: Path | None, demo: bool = True
+) -> str:
+    """The banner `up` prints once serving; without the demo (--no-demo) it offers no calls
+    to models it did not register."""
     http = f"http://{host}:{http_port}"
     where = f" --data-dir {data_dir}" if data_dir is not None else ""
-    return f"""
-modelgw is up.
-  gateway   gRPC {host}:{grpc_port}   HTTP {http}   metrics {http}/metrics
-  issuer    {issuer}   (development only: `modelgw token` mints its tokens)
-  etcd      {etcd}   (the registry: etcdctl --endpoints {etcd} get --prefix {DEFAULT_PREFIX} --keys-only)
-
-Every call needs a token; this one may also change the registry (modelgw:admin):
-  export TOKEN=$(modelgw token --sub you --scope modelgw:admin{where})
-
+    calls = "\nNo models are registered (--no-demo): apply yours, then call them.\n"
+    if demo:
+        calls = f"""
 Call the demo model with curl (OIP v2 REST):
   curl -s {http}/v2/models/{DEMO_MODEL}/infer -H "Authorization: Bearer $TOKEN" \\
     -H 'Content-Type: application/json' \\
@@ -168,7 +166,16 @@ Chat with the demo LLM (a tiny random Llama: expect gibberish) through the OpenA
     -H 'Content-Type: application/json' \
     -d '{{"model":"{DEMO_LLM}","messages":[{{"role":"user","content":"hello"}}],"max_tokens":16}}'
   # or: openai.OpenAI(base_url="{http}/v1", api_key=os.environ["TOKEN"])
+"""
+    return f"""
+modelgw is up.
+  gateway   gRPC {host}:{grpc_port}   HTTP {http}   metrics {http}/metrics
+  issuer    {issuer}   (development only: `modelgw token` mints its tokens)
+  etcd      {etcd}   (the registry: etcdctl --endpoints {etcd} get --prefix {DEFAULT_PREFIX} --keys-only)
 
+Every call needs a token; this one may also change the registry (modelgw:admin):
+  export TOKEN=$(modelgw token --sub you --scope modelgw:admin{where})
+{calls}
 Manage the registry:  modelgw get models --server {host}:{grpc_port} --token "$TOKEN"
                       modelgw apply -f my-model.yaml --server {host}:{grpc_port} --token "$TOKEN"
                       (or export MODELGW_TOKEN="$TOKEN" once)
@@ -301,7 +308,10 @@ async def _serve(args: argparse.Namespace, data_dir: Path, endpoint: str) -> int
                 log.error("the demo models did not become ready within 120 s; see %s", data_dir / "logs")
         if not stop.is_set():
             host = args.host if args.host != "0.0.0.0" else "127.0.0.1"
-            print(_instructions(host, gateway.http_port, gateway.grpc_port, issuer.url, endpoint, args.data_dir), flush=True)
+            banner = _instructions(
+                host, gateway.http_port, gateway.grpc_port, issuer.url, endpoint, args.data_dir, demo=not args.no_demo
+            )
+            print(banner, flush=True)
             await stop.wait()
         log.info("stopping")
     finally:

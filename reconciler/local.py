@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from modelgw.net import free_port
-from modelgw.process import PARENT_PID_ENV
+from modelgw.process import PARENT_PID_ENV, python_module
 from modelgw.protos import registry_pb2 as rpb
 from modelgw.reconciler.backend import Workload, custom_command, spec_hash
 
@@ -254,7 +254,7 @@ class LocalBackend:
         if spec.command:
             return custom_command(spec, values)
         argv = [
-            self.python, "-m", "modelgw", "runtime", "serve",
+            *python_module("modelgw", self.python), "runtime", "serve",
             "--kind", spec.kind,
             "--host", self.host,
             "--port", str(port),

@@ -37,13 +37,12 @@ from modelgw.registry.errors import CorruptRecordError, IntegrityError, NotFound
 from modelgw.registry.etcd import Etcd
 from modelgw.registry.keys import DEFAULT_PREFIX, Keys
 from modelgw.registry.validation import (
-    DNS_LABEL_RULE,
     check_model,
     check_model_formats,
     check_runtime,
     check_runtime_status,
-    is_dns_label,
     model_runtimes,
+    name_problem,
     uses_runtime,
 )
 from modelgw.registry.writes import Read, Write, conditional_write, first
@@ -55,8 +54,9 @@ M = TypeVar("M", bound=Message)
 
 def check_name(kind: str, name: str) -> None:
     """ValidationError unless `name` can name a record of `kind` ("models")."""
-    if not is_dns_label(name):
-        raise ValidationError(f"{kind}/{name or '<unnamed>'}: name: {name!r} is not a DNS label ({DNS_LABEL_RULE})")
+    problem = name_problem(kind, name)
+    if problem:
+        raise ValidationError(f"{kind}/{name or '<unnamed>'}: name: {problem}")
 
 
 class RecordStore:

@@ -24,6 +24,11 @@ MAX_QUEUE_DELAY_MS = 60_000.0
 MAX_DESCRIPTION = 1024
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# Model names as Triton allows them in practice ("simple_string", "resnet50.v1"): never a
+# Kubernetes object name (runtimes are), but an etcd key segment, a REST path segment and a
+# metrics label, so no '/', no spaces, and no leading '.' (which also rules out '.' and '..').
+MAX_MODEL_NAME = 128
+_MODEL_NAME = re.compile(rf"^[A-Za-z0-9_][A-Za-z0-9._-]{{0,{MAX_MODEL_NAME - 1}}}$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _FORMAT = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 # A runtime kind is checked as a name only: kinds plug in as entry points where the runtime
@@ -43,10 +48,25 @@ _SUFFIX_SCALE = {
 }
 
 DNS_LABEL_RULE = "lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters"
+MODEL_NAME_RULE = (
+    f"letters, digits, '_', '-' and '.', starting with a letter, digit or '_', at most {MAX_MODEL_NAME} characters"
+)
 
 
 def is_dns_label(name: str) -> bool:
-    return bool(_DNS_LABEL.match(name))
+    return bool(_DNS_LABEL.fullmatch(name))
+
+
+def is_model_name(name: str) -> bool:
+    return bool(_MODEL_NAME.fullmatch(name))  # fullmatch: `$` alone lets a trailing newline in
+
+
+def name_problem(kind: str, name: str) -> str | None:
+    """Why `name` cannot name a record of `kind` ("models", "runtimes"), or None: models take
+    Triton's names, every other record a DNS label (runtimes become Kubernetes objects)."""
+    if kind == "models":
+        return None if is_model_name(name) else f"{name!r} is not a model name ({MODEL_NAME_RULE})"
+    return None if is_dns_label(name) else f"{name!r} is not a DNS label ({DNS_LABEL_RULE})"
 
 
 def parse_quantity(text: str) -> float | None:
@@ -70,11 +90,11 @@ class _Problems:
     def add(self, field: str, message: str) -> None:
         self.items.append(f"{self.record}: {field}: {message}")
 
-    def name(self, field: str, value: str) -> None:
-        if not value:
-            self.add(field, "required")
-        elif not is_dns_label(value):
-            self.add(field, f"{value!r} is not a DNS label ({DNS_LABEL_RULE})")
+    def name(self, field: str, value: str, kind: str = "runtimes") -> None:
+        """A record name of `kind`: a DNS label but for models (name_problem)."""
+        problem = name_problem(kind, value) if value else "required"
+        if problem:
+            self.add(field, problem)
 
     def labels(self, field: str, labels: Mapping[str, str]) -> None:
         for key, value in labels.items():
@@ -171,7 +191,7 @@ def model_problems(spec: rpb.ModelSpec, runtimes: Mapping[str, rpb.RuntimeSpec] 
     it names (format supported). A runtime missing from `runtimes` is not reported here:
     that is referential integrity (store.IntegrityError), not a property of the record."""
     p = _Problems(_record("models", spec.name))
-    p.name("name", spec.name)
+    p.name("name", spec.name, "models")
     if not spec.versions:
         p.add("versions", "at least one version is required")
     seen: dict[str, int] = {}

@@ -152,6 +152,11 @@ def serve_command(args: argparse.Namespace) -> int:
     from modelgw.process import exit_with_parent
 
     exit_with_parent()  # when a supervisor (the local reconciler) asked for it
+    # Replicas start with -P (modelgw.process.python_module) so that a folder in the working
+    # directory cannot shadow modelgw itself; now that modelgw is imported, the working
+    # directory is searched too, last, for the python kind's `pkg.module:Class` models.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         return asyncio.run(serve(args))
     except ModelLoadError as exc:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+import tritonclient.http as triton_http
 from conftest import REPO, modelgw_command
 from gateway_helpers import Fleet, GatewayProcess, RuntimeReplica, http_json, http_request, wait_model_ready, wait_until
 from tritonclient.utils import InferenceServerException
@@ -241,3 +242,50 @@ def test_body_revision_means_what_it_means_to_the_cli(setup: Setup, tmp_path: Pa
     assert status == 409 and int(body["current_revision"]) == int(record["revision"]), body
     status, body = http_json("PUT", f"{setup.admin}/models/doc-rev", record)
     assert status == 200 and body["revision"] == record["revision"], body  # unchanged
+
+
+@pytest.mark.parametrize("name, via", [("simple_string", "cli"), ("resnet50.v1", "admin")])
+def test_triton_style_model_names_are_applied_and_served(setup: Setup, tmp_path: Path, name: str, via: str) -> None:
+    """Triton's model names (underscores, dots) are model names here too; runtimes keep DNS labels."""
+    if via == "cli":
+        manifest = tmp_path / "model.yaml"
+        manifest.write_text(
+            f"kind: Model\nspec:\n  name: {name}\n"
+            f"  versions: [{{version: '1', uri: '{ECHO}', format: python, runtime: py}}]\n"
+        )
+        result = subprocess.run(modelgw_command("apply", "-f", str(manifest), "--server", setup.gateway.grpc_url),
+                                capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert result.returncode == 0, result.stderr
+    else:
+        status, body = http_json("PUT", f"{setup.admin}/models/{name}", echo_model(name))
+        assert status == 201, body
+    assert_routable(setup, name)
+    rest = triton_http.InferenceServerClient(setup.gateway.http_url)
+    try:
+        x = triton_http.InferInput("x", [3], "FP32")
+        x.set_data_from_numpy(np.array([1.0, 2.0, 3.0], dtype=np.float32))
+        np.testing.assert_array_equal(rest.infer(name, [x]).as_numpy("y"), [2.0, 3.0, 4.0])
+        assert rest.get_model_metadata(name)["name"] == name
+    finally:
+        rest.close()
+    assert setup.client.get_model_metadata(name).name == name
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", "..", "m" * 200, "with space"])
+def test_unusable_model_names_are_refused_naming_the_field(setup: Setup, tmp_path: Path, name: str) -> None:
+    status, body = http_json("POST", f"{setup.admin}/models", echo_model(name))
+    assert status == 400, body
+    assert any(": name: " in p and "model name" in p for p in body["problems"]), body
+    manifest = tmp_path / "model.yaml"
+    manifest.write_text(json.dumps({"kind": "Model", "spec": echo_model(name)}))
+    result = subprocess.run(modelgw_command("apply", "-f", str(manifest), "--server", setup.gateway.grpc_url),
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode != 0 and ": name: " in result.stderr and "model name" in result.stderr, result.stderr
+
+
+def test_runtime_names_stay_dns_labels(setup: Setup) -> None:
+    status, body = http_json(
+        "POST", f"{setup.admin}/runtimes",
+        {"kind": "Runtime", "spec": {"name": "py_under", "kind": "python", "model_formats": ["python"]}},
+    )
+    assert status == 400 and any("not a DNS label" in p for p in body["problems"]), body

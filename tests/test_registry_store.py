@@ -131,7 +131,7 @@ async def test_get_list_delete(store):
 async def test_invalid_records_and_names_are_refused(store):
     with pytest.raises(ValidationError, match=r"runtimes/torch: kind: 'Jax Runtime' is not a kind name"):
         await store.apply_runtime(rpb.RuntimeSpec(name="torch", kind="Jax Runtime", model_formats=["x"]))
-    with pytest.raises(ValidationError, match="not a DNS label"):
+    with pytest.raises(ValidationError, match="not a model name"):
         await store.get_model("../etc")
     assert (await store.list_runtimes()).runtimes == []
 

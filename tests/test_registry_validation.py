@@ -38,6 +38,8 @@ def model(**fields) -> rpb.ModelSpec:
 
 
 def test_valid_records_pass():
+    for name in ("simple_string", "resnet50.v1", "ResNet-50", "_x", "m" * 128):
+        check_model(model(name=name))
     check_runtime(runtime(resources={"cpu": "500m", "memory": "1Gi", "gpu": 1}, env={"OMP_NUM_THREADS": "1"}))
     check_model(model(traffic={"1": 90, "2": 10}, limits={"timeout_seconds": 30, "max_batch_size": 8}))
     check_model(model(), {"torch": runtime()})
@@ -48,6 +50,7 @@ def test_valid_records_pass():
 INVALID_RUNTIMES = [
     (runtime(name="Torch"), "runtimes/Torch: name:", "not a DNS label"),
     (runtime(name="a" * 64), "name:", "not a DNS label"),
+    (runtime(name="torch\n"), "name:", "not a DNS label"),  # `$` alone would let a trailing newline through
     (runtime(name=""), "runtimes/<unnamed>: name:", "required"),
     (runtime(kind="Tensor Flow"), "runtimes/torch: kind:", "'Tensor Flow' is not a kind name"),
     (runtime(kind="k" * 64), "runtimes/torch: kind:", "is not a kind name"),
@@ -65,7 +68,11 @@ INVALID_RUNTIMES = [
 ]
 
 INVALID_MODELS = [
-    (model(name="ResNet"), "models/ResNet: name:", "not a DNS label"),
+    (model(name="Res Net"), "models/Res Net: name:", "not a model name"),
+    (model(name=".hidden"), "models/.hidden: name:", "not a model name"),
+    (model(name="a/b"), "models/a/b: name:", "not a model name"),
+    (model(name="m" * 129), "name:", "not a model name"),
+    (model(name="m\n"), "name:", "not a model name"),
     (model(versions=[]), "models/resnet: versions:", "at least one version"),
     (
         model(versions=[{"version": "1", "uri": "/a", "format": "onnx", "runtime": "torch"}] * 2),
@@ -137,7 +144,7 @@ def test_model_format_must_be_loaded_by_its_runtime():
 
 
 def test_every_problem_is_reported_at_once():
-    spec = model(name="Bad", versions=[{"version": "1", "uri": "ftp://x", "format": "", "runtime": ""}])
+    spec = model(name="Bad!", versions=[{"version": "1", "uri": "ftp://x", "format": "", "runtime": ""}])
     problems = model_problems(spec)
     fields = [p.split(": ")[1] for p in problems]
     assert fields == ["name", "versions[0].uri", "versions[0].format", "versions[0].runtime"], problems

@@ -212,6 +212,10 @@ def test_one_up_per_data_dir_and_etcd_dies_with_it(tmp_path: Path) -> None:
     process = start_bare_up(data_dir, log, env, http_port, grpc_port)
     try:
         wait_for_line(log, "modelgw is up", process)
+        # --no-demo registered no demo models: the banner offers no calls to them
+        banner = log.read_text()
+        assert "/v2/models/demo" not in banner and "demo LLM" not in banner and "tritonclient" not in banner, banner
+        assert "modelgw apply -f my-model.yaml" in banner, banner
         state = json.loads((data_dir / "up.json").read_text())
         etcd_pid, etcd = state["etcd_pid"], state["etcd"]
 
