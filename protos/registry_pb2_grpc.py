@@ -74,6 +74,61 @@ class RegistryServiceStub:
                 request_serializer=registry__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=registry__pb2.DeleteResponse.FromString,
                 _registered_method=True)
+        self.ApplyJob = channel.unary_unary(
+                '/modelgw.registry.v1.RegistryService/ApplyJob',
+                request_serializer=registry__pb2.ApplyJobRequest.SerializeToString,
+                response_deserializer=registry__pb2.ApplyJobResponse.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/modelgw.registry.v1.RegistryService/GetJob',
+                request_serializer=registry__pb2.GetRequest.SerializeToString,
+                response_deserializer=registry__pb2.JobRecord.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/modelgw.registry.v1.RegistryService/ListJobs',
+                request_serializer=registry__pb2.ListRequest.SerializeToString,
+                response_deserializer=registry__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/modelgw.registry.v1.RegistryService/DeleteJob',
+                request_serializer=registry__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=registry__pb2.DeleteResponse.FromString,
+                _registered_method=True)
+        self.ApplyStream = channel.unary_unary(
+                '/modelgw.registry.v1.RegistryService/ApplyStream',
+                request_serializer=registry__pb2.ApplyStreamRequest.SerializeToString,
+                response_deserializer=registry__pb2.ApplyStreamResponse.FromString,
+                _registered_method=True)
+        self.GetStream = channel.unary_unary(
+                '/modelgw.registry.v1.RegistryService/GetStream',
+                request_serializer=registry__pb2.GetRequest.SerializeToString,
+                response_deserializer=registry__pb2.StreamRecord.FromString,
+                _registered_method=True)
+        self.ListStreams = channel.unary_unary(
+                '/modelgw.registry.v1.RegistryService/ListStreams',
+                request_serializer=registry__pb2.ListRequest.SerializeToString,
+                response_deserializer=registry__pb2.ListStreamsResponse.FromString,
+                _registered_method=True)
+        self.DeleteStream = channel.unary_unary(
+                '/modelgw.registry.v1.RegistryService/DeleteStream',
+                request_serializer=registry__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=registry__pb2.DeleteResponse.FromString,
+                _registered_method=True)
+        self.ApplyGatewayDefaults = channel.unary_unary(
+                '/modelgw.registry.v1.RegistryService/ApplyGatewayDefaults',
+                request_serializer=registry__pb2.ApplyGatewayDefaultsRequest.SerializeToString,
+                response_deserializer=registry__pb2.ApplyGatewayDefaultsResponse.FromString,
+                _registered_method=True)
+        self.GetGatewayDefaults = channel.unary_unary(
+                '/modelgw.registry.v1.RegistryService/GetGatewayDefaults',
+                request_serializer=registry__pb2.GetRequest.SerializeToString,
+                response_deserializer=registry__pb2.GatewayDefaultsRecord.FromString,
+                _registered_method=True)
+        self.DeleteGatewayDefaults = channel.unary_unary(
+                '/modelgw.registry.v1.RegistryService/DeleteGatewayDefaults',
+                request_serializer=registry__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=registry__pb2.DeleteResponse.FromString,
+                _registered_method=True)
         self.ListEndpoints = channel.unary_unary(
                 '/modelgw.registry.v1.RegistryService/ListEndpoints',
                 request_serializer=registry__pb2.ListEndpointsRequest.SerializeToString,
@@ -137,6 +192,72 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyStream(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStream(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListStreams(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteStream(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyGatewayDefaults(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGatewayDefaults(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteGatewayDefaults(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListEndpoints(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -189,6 +310,61 @@ def add_RegistryServiceServicer_to_server(servicer, server):
             ),
             'DeleteRuntime': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteRuntime,
+                    request_deserializer=registry__pb2.DeleteRequest.FromString,
+                    response_serializer=registry__pb2.DeleteResponse.SerializeToString,
+            ),
+            'ApplyJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyJob,
+                    request_deserializer=registry__pb2.ApplyJobRequest.FromString,
+                    response_serializer=registry__pb2.ApplyJobResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=registry__pb2.GetRequest.FromString,
+                    response_serializer=registry__pb2.JobRecord.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=registry__pb2.ListRequest.FromString,
+                    response_serializer=registry__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=registry__pb2.DeleteRequest.FromString,
+                    response_serializer=registry__pb2.DeleteResponse.SerializeToString,
+            ),
+            'ApplyStream': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyStream,
+                    request_deserializer=registry__pb2.ApplyStreamRequest.FromString,
+                    response_serializer=registry__pb2.ApplyStreamResponse.SerializeToString,
+            ),
+            'GetStream': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStream,
+                    request_deserializer=registry__pb2.GetRequest.FromString,
+                    response_serializer=registry__pb2.StreamRecord.SerializeToString,
+            ),
+            'ListStreams': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStreams,
+                    request_deserializer=registry__pb2.ListRequest.FromString,
+                    response_serializer=registry__pb2.ListStreamsResponse.SerializeToString,
+            ),
+            'DeleteStream': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteStream,
+                    request_deserializer=registry__pb2.DeleteRequest.FromString,
+                    response_serializer=registry__pb2.DeleteResponse.SerializeToString,
+            ),
+            'ApplyGatewayDefaults': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyGatewayDefaults,
+                    request_deserializer=registry__pb2.ApplyGatewayDefaultsRequest.FromString,
+                    response_serializer=registry__pb2.ApplyGatewayDefaultsResponse.SerializeToString,
+            ),
+            'GetGatewayDefaults': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGatewayDefaults,
+                    request_deserializer=registry__pb2.GetRequest.FromString,
+                    response_serializer=registry__pb2.GatewayDefaultsRecord.SerializeToString,
+            ),
+            'DeleteGatewayDefaults': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteGatewayDefaults,
                     request_deserializer=registry__pb2.DeleteRequest.FromString,
                     response_serializer=registry__pb2.DeleteResponse.SerializeToString,
             ),
@@ -417,6 +593,303 @@ class RegistryService:
             request,
             target,
             '/modelgw.registry.v1.RegistryService/DeleteRuntime',
+            registry__pb2.DeleteRequest.SerializeToString,
+            registry__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgw.registry.v1.RegistryService/ApplyJob',
+            registry__pb2.ApplyJobRequest.SerializeToString,
+            registry__pb2.ApplyJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgw.registry.v1.RegistryService/GetJob',
+            registry__pb2.GetRequest.SerializeToString,
+            registry__pb2.JobRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgw.registry.v1.RegistryService/ListJobs',
+            registry__pb2.ListRequest.SerializeToString,
+            registry__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgw.registry.v1.RegistryService/DeleteJob',
+            registry__pb2.DeleteRequest.SerializeToString,
+            registry__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgw.registry.v1.RegistryService/ApplyStream',
+            registry__pb2.ApplyStreamRequest.SerializeToString,
+            registry__pb2.ApplyStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgw.registry.v1.RegistryService/GetStream',
+            registry__pb2.GetRequest.SerializeToString,
+            registry__pb2.StreamRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListStreams(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgw.registry.v1.RegistryService/ListStreams',
+            registry__pb2.ListRequest.SerializeToString,
+            registry__pb2.ListStreamsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgw.registry.v1.RegistryService/DeleteStream',
+            registry__pb2.DeleteRequest.SerializeToString,
+            registry__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyGatewayDefaults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgw.registry.v1.RegistryService/ApplyGatewayDefaults',
+            registry__pb2.ApplyGatewayDefaultsRequest.SerializeToString,
+            registry__pb2.ApplyGatewayDefaultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGatewayDefaults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgw.registry.v1.RegistryService/GetGatewayDefaults',
+            registry__pb2.GetRequest.SerializeToString,
+            registry__pb2.GatewayDefaultsRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteGatewayDefaults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelgw.registry.v1.RegistryService/DeleteGatewayDefaults',
             registry__pb2.DeleteRequest.SerializeToString,
             registry__pb2.DeleteResponse.FromString,
             options,
