@@ -1,4 +1,11 @@
-"""The registry admin API over REST: /admin/v1/{models,runtimes,endpoints}.
+"""The registry admin API over REST: /admin/v1/{models,runtimes,jobs,streams,endpoints}
+and /admin/v1/gateway-defaults (the one GatewayDefaults record, "default").
+
+Each kind has GET (list) and POST on its collection, GET, PUT and DELETE on /<name>; the
+gateway defaults answer GET, PUT, POST and DELETE on /gateway-defaults itself (and on
+/gateway-defaults/default). A record's GET carries its status (runtimes, jobs, streams).
+DELETE of a runtime or a model takes `?force=true` (a runtime used by models, a model
+called by jobs or streams: refused with 400 without it, as FAILED_PRECONDITION on gRPC).
 
 Bodies are the registry messages' JSON mapping (the same JSON as in etcd and in
 `modelgw apply -f`): a bare spec, or a document read by registry.files.read_document as the
@@ -25,6 +32,7 @@ from modelgw.protos import registry_pb2 as rpb
 from modelgw.registry import files
 from modelgw.registry.errors import ConflictError, ValidationError
 from modelgw.registry.store import RegistryStore
+from modelgw.registry.validation import GATEWAY_DEFAULTS_NAME
 
 # request -> None, raising GatewayError when the caller may not administer the registry
 AdminAuthorizer = Callable[[web.Request], Awaitable[None]]
@@ -66,6 +74,10 @@ def _expected_revision(request: web.Request) -> int | None:
         raise ValidationError(f"If-Match / expected_revision must be a revision number, got '{raw[:40]}'") from None
 
 
+def _force(request: web.Request) -> bool:
+    return request.query.get("force", "").lower() in ("1", "true", "yes")
+
+
 async def _body(request: web.Request, kind: str) -> files.Document:
     data = await read_json(request, f"{files.PLURAL[kind]}: the body")  # not JSON, too deep: 400
     # a bare spec, a document as `modelgw get -o json` writes it, or a record as GET answers
@@ -90,6 +102,20 @@ class AdminApi:
         r.add_get(f"{prefix}/runtimes/{{name}}", self._admin_only(self.get_runtime))
         r.add_put(f"{prefix}/runtimes/{{name}}", self._admin_only(self.apply_runtime))
         r.add_delete(f"{prefix}/runtimes/{{name}}", self._admin_only(self.delete_runtime))
+        for path, apply, get, listing, delete in (
+            ("jobs", self.apply_job, self.get_job, self.list_jobs, self.delete_job),
+            ("streams", self.apply_stream, self.get_stream, self.list_streams, self.delete_stream),
+        ):
+            r.add_get(f"{prefix}/{path}", self._admin_only(listing))
+            r.add_post(f"{prefix}/{path}", self._admin_only(apply))
+            r.add_get(f"{prefix}/{path}/{{name}}", self._admin_only(get))
+            r.add_put(f"{prefix}/{path}/{{name}}", self._admin_only(apply))
+            r.add_delete(f"{prefix}/{path}/{{name}}", self._admin_only(delete))
+        for path in (f"{prefix}/gateway-defaults", f"{prefix}/gateway-defaults/{{name}}"):
+            r.add_get(path, self._admin_only(self.get_gateway_defaults))
+            r.add_post(path, self._admin_only(self.apply_gateway_defaults))
+            r.add_put(path, self._admin_only(self.apply_gateway_defaults))
+            r.add_delete(path, self._admin_only(self.delete_gateway_defaults))
         r.add_get(f"{prefix}/endpoints", self._admin_only(self.list_endpoints))
         set_error_body(app, prefix, admin_error_body)
 
@@ -114,10 +140,14 @@ class AdminApi:
             elif spec.name != name:
                 raise ValidationError(f"{what}/{name}: name: the body names '{spec.name}' but the URL names '{name}'")
 
-    async def _apply(self, request: web.Request, kind: str, apply: Callable[..., Awaitable[Any]]) -> web.Response:
-        """POST or PUT of a model or runtime: 201 when created, 200 otherwise; ETag = revision."""
+    async def _apply(
+        self, request: web.Request, kind: str, apply: Callable[..., Awaitable[Any]], default_name: str = ""
+    ) -> web.Response:
+        """POST or PUT of a record: 201 when created, 200 otherwise; ETag = revision."""
         document = await _body(request, kind)
         self._check_name(request, document.spec, files.PLURAL[kind])
+        if default_name and not document.spec.name:
+            document.spec.name = default_name
         expected = document.expected_revision(_expected_revision(request), "If-Match (or If-None-Match, ?expected_revision)")
         result = await apply(document.spec, expected)
         status = 201 if result.outcome == rpb.CREATED else 200
@@ -134,8 +164,8 @@ class AdminApi:
         return _json(await self.store.list_models())
 
     async def delete_model(self, request: web.Request) -> web.Response:
-        revision = await self.store.delete_model(request.match_info["name"], _expected_revision(request))
-        return _json(rpb.DeleteResponse(revision=revision))
+        name, expected = request.match_info["name"], _expected_revision(request)
+        return _json(rpb.DeleteResponse(revision=await self.store.delete_model(name, expected, _force(request))))
 
     async def apply_runtime(self, request: web.Request) -> web.Response:
         return await self._apply(request, "Runtime", self.store.apply_runtime)
@@ -148,8 +178,47 @@ class AdminApi:
         return _json(await self.store.list_runtimes())
 
     async def delete_runtime(self, request: web.Request) -> web.Response:
-        force = request.query.get("force", "").lower() in ("1", "true", "yes")
-        revision = await self.store.delete_runtime(request.match_info["name"], _expected_revision(request), force)
+        revision = await self.store.delete_runtime(request.match_info["name"], _expected_revision(request), _force(request))
+        return _json(rpb.DeleteResponse(revision=revision))
+
+    async def apply_job(self, request: web.Request) -> web.Response:
+        return await self._apply(request, "Job", self.store.apply_job)
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        record = await self.store.get_job(request.match_info["name"])
+        return _json(record, revision=record.revision)
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        return _json(await self.store.list_jobs())
+
+    async def delete_job(self, request: web.Request) -> web.Response:
+        revision = await self.store.delete_job(request.match_info["name"], _expected_revision(request))
+        return _json(rpb.DeleteResponse(revision=revision))
+
+    async def apply_stream(self, request: web.Request) -> web.Response:
+        return await self._apply(request, "Stream", self.store.apply_stream)
+
+    async def get_stream(self, request: web.Request) -> web.Response:
+        record = await self.store.get_stream(request.match_info["name"])
+        return _json(record, revision=record.revision)
+
+    async def list_streams(self, request: web.Request) -> web.Response:
+        return _json(await self.store.list_streams())
+
+    async def delete_stream(self, request: web.Request) -> web.Response:
+        revision = await self.store.delete_stream(request.match_info["name"], _expected_revision(request))
+        return _json(rpb.DeleteResponse(revision=revision))
+
+    async def apply_gateway_defaults(self, request: web.Request) -> web.Response:
+        return await self._apply(request, "GatewayDefaults", self.store.apply_gateway_defaults, GATEWAY_DEFAULTS_NAME)
+
+    async def get_gateway_defaults(self, request: web.Request) -> web.Response:
+        record = await self.store.get_gateway_defaults(request.match_info.get("name", ""))
+        return _json(record, revision=record.revision)
+
+    async def delete_gateway_defaults(self, request: web.Request) -> web.Response:
+        name = request.match_info.get("name", "")
+        revision = await self.store.delete_gateway_defaults(name, _expected_revision(request))
         return _json(rpb.DeleteResponse(revision=revision))
 
     async def list_endpoints(self, request: web.Request) -> web.Response:

@@ -1,4 +1,4 @@
-"""The registry: models, runtimes, endpoints and status in etcd.
+"""The registry: models, runtimes, jobs, streams, endpoints and status in etcd.
 
     keys        the key layout under a prefix (default /modelgw/v1/) and KINDS, the one
                 table of record kinds
@@ -7,7 +7,8 @@
     errors      the registry's errors (each maps to one gRPC status code)
     etcd        a thin asyncio layer over aetcd
     store       RegistryStore: the client, composed of records (models, runtimes,
-                status), endpoints (and their leases), election, and its watches
+                status, gateway defaults), workloads (jobs, streams and their status),
+                endpoints (and their leases), election, and its watches
     writes      the one conditional write: read, check, transaction, bounded retry
     leases      Lease: a lease kept alive in the background
     follow      follow a key range through compactions and outages

@@ -1,10 +1,13 @@
 """kubectl-like registry commands:
 
-    modelgw apply -f FILE|DIR        apply runtimes and models from YAML or JSON (-f - : stdin)
-    modelgw get models|runtimes|endpoints [NAME] [-o table|yaml|json]
-    modelgw delete model|runtime NAME [--force] [--revision N]
+    modelgw apply -f FILE|DIR        apply runtimes, models, jobs, streams and gateway defaults
+                                     from YAML or JSON (-f - : stdin)
+    modelgw get models|runtimes|endpoints|jobs|streams|gateway-defaults [NAME] [-o table|yaml|json]
+    modelgw delete model|runtime|job|stream|gateway-defaults NAME [--force] [--revision N]
     modelgw registry serve --etcd HOST:PORT [--port 8001]
 
+`get jobs` shows each job's phase and progress (rows done/total, failed, rows/s) from its
+status, `get streams` its replicas ready, messages processed and failed, and consumer lag.
 `get models` shows each version's state as the endpoints of its runtime report it (READY 2/2,
 LOADING 1/2, FAILED 0/2: reason, PENDING); `apply` warns when a local path or file:// URI
 does not exist on this machine, and applies it anyway (the runtime's machine may have it).
@@ -26,13 +29,14 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from modelgw.protos import registry_pb2 as rpb
 from modelgw.registry import files
-from modelgw.registry.errors import RegistryError, UnavailableError
+from modelgw.registry.errors import NotFoundError, RegistryError, UnavailableError
 from modelgw.registry.keys import DEFAULT_PREFIX
 
 log = logging.getLogger(__name__)
@@ -44,7 +48,13 @@ RESOURCES = {
     "model": "Model", "models": "Model", "mo": "Model",
     "runtime": "Runtime", "runtimes": "Runtime", "rt": "Runtime",
     "endpoint": "Endpoint", "endpoints": "Endpoint", "ep": "Endpoint",
+    "job": "Job", "jobs": "Job",
+    "stream": "Stream", "streams": "Stream",
+    "gateway-defaults": "GatewayDefaults", "gateway-default": "GatewayDefaults",
 }
+# the order `apply` writes documents in: what a record depends on first (models need their
+# runtimes, jobs and streams their models)
+APPLY_ORDER = {"Runtime": 0, "Model": 1}
 OUTCOMES = {rpb.CREATED: "created", rpb.UPDATED: "configured", rpb.UNCHANGED: "unchanged"}
 
 
@@ -78,9 +88,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     apply = subparsers.add_parser(
         "apply",
         parents=[connection],
-        help="create or update runtimes and models from files",
-        description="Create or update runtimes and models from YAML or JSON files "
-        "(documents with kind: Runtime|Model and spec:; see modelgw.registry.files).",
+        help="create or update runtimes, models, jobs, streams and gateway defaults from files",
+        description="Create or update registry records from YAML or JSON files (documents with "
+        "kind: Runtime|Model|Job|Stream|GatewayDefaults and spec:; see modelgw.registry.files).",
     )
     apply.add_argument(
         "-f", "--filename", action="append", required=True, metavar="FILE",
@@ -88,17 +98,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     apply.set_defaults(func=lambda args: _run(_apply, args))
 
-    get = subparsers.add_parser("get", parents=[connection], help="show models, runtimes or endpoints")
-    get.add_argument("resource", choices=sorted(RESOURCES), metavar="models|runtimes|endpoints")
+    get = subparsers.add_parser(
+        "get", parents=[connection], help="show models, runtimes, endpoints, jobs, streams or gateway defaults"
+    )
+    get.add_argument("resource", choices=sorted(RESOURCES), metavar="models|runtimes|endpoints|jobs|streams|gateway-defaults")
     get.add_argument("name", nargs="?", help="one record by name (endpoints: a runtime's endpoints)")
     get.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
     get.set_defaults(func=lambda args: _run(_get, args))
 
-    delete = subparsers.add_parser("delete", parents=[connection], help="delete a model or runtime")
+    delete = subparsers.add_parser("delete", parents=[connection], help="delete a model, runtime, job or stream")
     delete.add_argument("resource", choices=sorted(k for k, v in RESOURCES.items() if v != "Endpoint"),
-                        metavar="model|runtime")
-    delete.add_argument("name")
-    delete.add_argument("--force", action="store_true", help="runtimes: delete even while models use it")
+                        metavar="model|runtime|job|stream|gateway-defaults")
+    delete.add_argument("name", nargs="?", help="the record's name (gateway-defaults: default)")
+    delete.add_argument(
+        "--force", action="store_true",
+        help="runtimes: delete even while models use it; models: even while jobs or streams call it",
+    )
     delete.add_argument("--revision", type=int, help="delete only if the record is still at this revision")
     delete.set_defaults(func=lambda args: _run(_delete, args))
 
@@ -164,12 +179,15 @@ async def _apply(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise OSError(f"cannot read {path}: {exc.strerror or exc}") from None
         documents += files.parse_documents(text, "stdin" if path == "-" else path)
-    # runtimes first: models need their runtimes to exist
-    documents.sort(key=lambda d: d.kind != "Runtime")
+    documents.sort(key=lambda d: APPLY_ORDER.get(d.kind, len(APPLY_ORDER)))  # stable: file order within a kind
     failed = 0
     async with _registry(args) as registry:
+        appliers = {
+            "Runtime": registry.apply_runtime, "Model": registry.apply_model, "Job": registry.apply_job,
+            "Stream": registry.apply_stream, "GatewayDefaults": registry.apply_gateway_defaults,
+        }
         for doc in documents:
-            apply = registry.apply_runtime if doc.kind == "Runtime" else registry.apply_model
+            apply = appliers[doc.kind]
             try:
                 result = await apply(doc.spec, doc.revision)
             except RegistryError as exc:
@@ -237,6 +255,30 @@ async def _get(args: argparse.Namespace) -> int:
             documents = [files.runtime_document(r) for r in runtimes]
             rows = [_runtime_row(r) for r in runtimes]
             header = ("NAME", "KIND", "REPLICAS", "READY", "FORMATS", "REVISION", "PROBLEMS")
+        elif kind == "Job":
+            jobs = [await registry.get_job(args.name)] if args.name else list((await registry.list_jobs()).jobs)
+            documents = [files.job_document(r) for r in jobs]
+            now = time.time()
+            rows = [_job_row(r, now) for r in jobs]
+            header = ("NAME", "MODEL", "PHASE", "ROWS", "FAILED", "ROWS/S", "AGE")
+        elif kind == "Stream":
+            if args.name:
+                streams = [await registry.get_stream(args.name)]
+            else:
+                streams = list((await registry.list_streams()).streams)
+            documents = [files.stream_document(r) for r in streams]
+            rows = [_stream_row(r) for r in streams]
+            header = ("NAME", "MODEL", "SOURCE", "SINK", "READY", "PROCESSED", "FAILED", "LAG")
+        elif kind == "GatewayDefaults":
+            try:
+                defaults = [await registry.get_gateway_defaults(args.name or "")]
+            except NotFoundError:
+                if args.name:
+                    raise
+                defaults = []  # a listing of none, as for the other kinds
+            documents = [files.gateway_defaults_document(r) for r in defaults]
+            rows = [_defaults_row(r) for r in defaults]
+            header = ("NAME", "REQUESTS/S", "TOKENS/MIN", "BURST (S)", "TENANT CLAIM", "REVISION")
         else:
             endpoints = list((await registry.list_endpoints(args.name or "")).endpoints)
             documents = [files.endpoint_document(e) for e in endpoints]
@@ -322,6 +364,52 @@ def _endpoint_row(endpoint: rpb.Endpoint) -> tuple[str, ...]:
             notes or "-")
 
 
+def _job_row(record: rpb.JobRecord, now: float) -> tuple[str, ...]:
+    spec, status = record.spec, record.status
+    model = f"{spec.model.model}:{spec.model.version}" if spec.model.version else spec.model.model
+    if not record.HasField("status"):
+        return (spec.name, model, "-", "-", "-", "-", "-")
+    phase = rpb.JobStatus.Phase.Name(status.phase).removeprefix("PHASE_").capitalize()
+    rows = f"{status.rows_done}/{status.rows_total}" if status.rows_total else f"{status.rows_done}/?"
+    # AGE: since the job started (a record keeps no creation time, only its etcd revision)
+    started = status.started_at.ToSeconds() if status.HasField("started_at") else None
+    return (spec.name, model, phase, rows, str(status.rows_failed), f"{status.rows_per_second:.1f}",
+            _age(now - started) if started is not None else "-")
+
+
+def _age(seconds: float) -> str:
+    """A duration as kubectl's AGE column writes it: 45s, 12m, 3h, 2d."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size * (2 if unit != "m" else 1):
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _topic_name(topic: rpb.BrokerTopic, source: rpb.BrokerTopic) -> str:
+    broker = topic.broker or source.broker  # a sink's unset broker is the source's
+    return f"{rpb.BrokerTopic.Broker.Name(broker).lower()}:{topic.topic}" if topic.topic else "-"
+
+
+def _stream_row(record: rpb.StreamRecord) -> tuple[str, ...]:
+    spec, status = record.spec, record.status
+    model = f"{spec.model.model}:{spec.model.version}" if spec.model.version else spec.model.model
+    source, sink = _topic_name(spec.source, spec.source), _topic_name(spec.sink, spec.source)
+    if not record.HasField("status"):
+        return (spec.name, model, source, sink, f"-/{spec.replicas or 1}", "-", "-", "-")
+    lag = str(status.consumer_lag) if status.consumer_lag >= 0 else "-"
+    return (spec.name, model, source, sink, f"{status.replicas_ready}/{spec.replicas or 1}",
+            str(status.messages_processed), str(status.messages_failed), lag)
+
+
+def _defaults_row(record: rpb.GatewayDefaultsRecord) -> tuple[str, ...]:
+    limit = record.spec.per_tenant
+    return (record.spec.name, f"{limit.requests_per_second:g}" if limit.requests_per_second else "-",
+            f"{limit.tokens_per_minute:g}" if limit.tokens_per_minute else "-",
+            f"{limit.burst_seconds:g}" if limit.burst_seconds else "-", limit.tenant_claim or "sub",
+            str(record.revision))
+
+
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
@@ -333,14 +421,23 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 async def _delete(args: argparse.Namespace) -> int:
     kind = RESOURCES[args.resource]
+    if args.force and kind not in ("Model", "Runtime"):
+        raise ValueError("--force only applies to models and runtimes")
+    name = args.name or ("default" if kind == "GatewayDefaults" else "")
+    if not name:
+        raise ValueError(f"delete {args.resource}: NAME is required")
     async with _registry(args) as registry:
         if kind == "Model":
-            if args.force:
-                raise ValueError("--force only applies to runtimes")
-            await registry.delete_model(args.name, args.revision)
+            await registry.delete_model(name, args.revision, force=args.force)
+        elif kind == "Runtime":
+            await registry.delete_runtime(name, args.revision, force=args.force)
+        elif kind == "Job":
+            await registry.delete_job(name, args.revision)
+        elif kind == "Stream":
+            await registry.delete_stream(name, args.revision)
         else:
-            await registry.delete_runtime(args.name, args.revision, force=args.force)
-    print(f"{kind.lower()}/{args.name} deleted")
+            await registry.delete_gateway_defaults(name, args.revision)
+    print(f"{kind.lower()}/{name} deleted")
     return 0
 
 

@@ -75,8 +75,8 @@ class RegistryClient:
     async def list_models(self) -> rpb.ListModelsResponse:
         return await self._call(self._stub.ListModels, rpb.ListRequest())
 
-    async def delete_model(self, name: str, expected_revision: int | None = None) -> int:
-        request = rpb.DeleteRequest(name=name, expected_revision=expected_revision)
+    async def delete_model(self, name: str, expected_revision: int | None = None, force: bool = False) -> int:
+        request = rpb.DeleteRequest(name=name, expected_revision=expected_revision, force=force)
         return (await self._call(self._stub.DeleteModel, request)).revision
 
     async def apply_runtime(
@@ -94,6 +94,47 @@ class RegistryClient:
     async def delete_runtime(self, name: str, expected_revision: int | None = None, force: bool = False) -> int:
         request = rpb.DeleteRequest(name=name, expected_revision=expected_revision, force=force)
         return (await self._call(self._stub.DeleteRuntime, request)).revision
+
+    async def apply_job(self, spec: rpb.JobSpec, expected_revision: int | None = None) -> rpb.ApplyJobResponse:
+        request = rpb.ApplyJobRequest(spec=spec, expected_revision=expected_revision)
+        return await self._call(self._stub.ApplyJob, request)
+
+    async def get_job(self, name: str) -> rpb.JobRecord:
+        return await self._call(self._stub.GetJob, rpb.GetRequest(name=name))
+
+    async def list_jobs(self) -> rpb.ListJobsResponse:
+        return await self._call(self._stub.ListJobs, rpb.ListRequest())
+
+    async def delete_job(self, name: str, expected_revision: int | None = None) -> int:
+        request = rpb.DeleteRequest(name=name, expected_revision=expected_revision)
+        return (await self._call(self._stub.DeleteJob, request)).revision
+
+    async def apply_stream(self, spec: rpb.StreamSpec, expected_revision: int | None = None) -> rpb.ApplyStreamResponse:
+        request = rpb.ApplyStreamRequest(spec=spec, expected_revision=expected_revision)
+        return await self._call(self._stub.ApplyStream, request)
+
+    async def get_stream(self, name: str) -> rpb.StreamRecord:
+        return await self._call(self._stub.GetStream, rpb.GetRequest(name=name))
+
+    async def list_streams(self) -> rpb.ListStreamsResponse:
+        return await self._call(self._stub.ListStreams, rpb.ListRequest())
+
+    async def delete_stream(self, name: str, expected_revision: int | None = None) -> int:
+        request = rpb.DeleteRequest(name=name, expected_revision=expected_revision)
+        return (await self._call(self._stub.DeleteStream, request)).revision
+
+    async def apply_gateway_defaults(
+        self, spec: rpb.GatewayDefaults, expected_revision: int | None = None
+    ) -> rpb.ApplyGatewayDefaultsResponse:
+        request = rpb.ApplyGatewayDefaultsRequest(spec=spec, expected_revision=expected_revision)
+        return await self._call(self._stub.ApplyGatewayDefaults, request)
+
+    async def get_gateway_defaults(self, name: str = "default") -> rpb.GatewayDefaultsRecord:
+        return await self._call(self._stub.GetGatewayDefaults, rpb.GetRequest(name=name))
+
+    async def delete_gateway_defaults(self, name: str = "default", expected_revision: int | None = None) -> int:
+        request = rpb.DeleteRequest(name=name, expected_revision=expected_revision)
+        return (await self._call(self._stub.DeleteGatewayDefaults, request)).revision
 
     async def list_endpoints(self, runtime: str = "") -> rpb.ListEndpointsResponse:
         return await self._call(self._stub.ListEndpoints, rpb.ListEndpointsRequest(runtime=runtime))

@@ -4,7 +4,7 @@ A file holds one or many documents, in YAML (several separated by `---`) or JSON
 object, a list of objects, or {"kind": "List", "items": [...]}). Each document says what
 it is and carries the record's fields exactly as in protos/registry.proto:
 
-    kind: Runtime                 # Runtime or Model
+    kind: Runtime                 # Runtime, Model, Job, Stream or GatewayDefaults
     spec:                         # a RuntimeSpec / ModelSpec (snake_case or lowerCamelCase)
       name: torch
       kind: pytorch
@@ -19,8 +19,11 @@ it is and carries the record's fields exactly as in protos/registry.proto:
         - {version: "1", uri: /models/resnet/1, format: torchscript, runtime: torch}
       traffic: {"1": 100}
 
-`get -o yaml` writes the same documents with `revision` set (and a runtime's `status`,
-which apply ignores), so get, edit and apply round-trips with optimistic concurrency: the
+Jobs and streams take a JobSpec / StreamSpec (their model must exist), and GatewayDefaults
+the one record named "default" (`spec: {name: default, per_tenant: {...}}`).
+
+`get -o yaml` writes the same documents with `revision` set (and a runtime's, job's or
+stream's `status`, which apply ignores), so get, edit and apply round-trips with optimistic concurrency: the
 apply fails with a conflict if someone changed the record in between.
 
 `read_document` is the one reader of a document, for the CLI's files and for the REST admin
@@ -52,8 +55,8 @@ DOCUMENT_FIELDS = ("kind", "revision", "spec", "status", "create_revision")
 
 @dataclass
 class Document:
-    kind: str  # "Runtime" | "Model"
-    spec: Any  # RuntimeSpec | ModelSpec
+    kind: str  # a document kind of keys.KINDS: "Runtime", "Model", "Job", "Stream", "GatewayDefaults"
+    spec: Any  # its spec message: RuntimeSpec, ModelSpec, ...
     revision: int | None  # expected revision, when the document gives one
     source: str  # where it came from, for error messages: "models.yaml#2"
 
@@ -144,7 +147,23 @@ def model_document(record: rpb.ModelRecord) -> dict[str, Any]:
 
 
 def runtime_document(record: rpb.RuntimeRecord) -> dict[str, Any]:
-    document = {"kind": "Runtime", "revision": record.revision, "spec": codec.to_dict(record.spec)}
+    return _with_status("Runtime", record)
+
+
+def job_document(record: rpb.JobRecord) -> dict[str, Any]:
+    return _with_status("Job", record)
+
+
+def stream_document(record: rpb.StreamRecord) -> dict[str, Any]:
+    return _with_status("Stream", record)
+
+
+def gateway_defaults_document(record: rpb.GatewayDefaultsRecord) -> dict[str, Any]:
+    return {"kind": "GatewayDefaults", "revision": record.revision, "spec": codec.to_dict(record.spec)}
+
+
+def _with_status(kind: str, record: Any) -> dict[str, Any]:
+    document = {"kind": kind, "revision": record.revision, "spec": codec.to_dict(record.spec)}
     if record.HasField("status"):
         document["status"] = codec.to_dict(record.status)
     return document

@@ -4,6 +4,11 @@
     models/<name>                   ModelSpec
     endpoints/<runtime>/<instance>  Endpoint (under the replica's lease)
     status/runtimes/<name>          RuntimeStatus (written by the reconciler)
+    jobs/<name>                     JobSpec
+    streams/<name>                  StreamSpec
+    status/jobs/<name>              JobStatus (the job process and the reconciler)
+    status/streams/<name>           StreamStatus (the stream replicas and the reconciler)
+    gateway-defaults/<name>         GatewayDefaults (one record, named "default")
     election/<name>                 leader key (e.g. election/reconciler), under a lease
 
 Each record kind is one row of KINDS (its path, message, view attribute, watch-event field,
@@ -28,6 +33,11 @@ class Section(str, Enum):
     MODEL = "model"
     ENDPOINT = "endpoint"
     RUNTIME_STATUS = "runtime_status"
+    JOB = "job"
+    STREAM = "stream"
+    JOB_STATUS = "job_status"
+    STREAM_STATUS = "stream_status"
+    GATEWAY_DEFAULTS = "gateway_defaults"
     ELECTION = "election"
 
 
@@ -46,12 +56,20 @@ class RecordKind:
 
 
 # THE table of record kinds: key parsing, the view, the watches and the document reader all
-# read it, so a new kind (jobs, streams) is one row here (plus its Section member).
+# read it, so a new kind is one row here (plus its Section member).
 KINDS: tuple[RecordKind, ...] = (
     RecordKind(Section.RUNTIME, "runtimes/", rpb.RuntimeSpec, "runtimes", "runtime", "Runtime", applied=True),
     RecordKind(Section.MODEL, "models/", rpb.ModelSpec, "models", "model", "Model", applied=True),
     RecordKind(Section.ENDPOINT, "endpoints/", rpb.Endpoint, "endpoints", "endpoint", "Endpoint", parts=2),
     RecordKind(Section.RUNTIME_STATUS, "status/runtimes/", rpb.RuntimeStatus, "statuses", "runtime_status"),
+    RecordKind(Section.JOB, "jobs/", rpb.JobSpec, "jobs", "job", "Job", applied=True),
+    RecordKind(Section.STREAM, "streams/", rpb.StreamSpec, "streams", "stream", "Stream", applied=True),
+    RecordKind(Section.JOB_STATUS, "status/jobs/", rpb.JobStatus, "job_statuses", "job_status"),
+    RecordKind(Section.STREAM_STATUS, "status/streams/", rpb.StreamStatus, "stream_statuses", "stream_status"),
+    RecordKind(
+        Section.GATEWAY_DEFAULTS, "gateway-defaults/", rpb.GatewayDefaults, "gateway_defaults", "gateway_defaults",
+        "GatewayDefaults", applied=True,
+    ),
 )
 KIND: dict[Section, RecordKind] = {kind.section: kind for kind in KINDS}
 ELECTION_PATH = "election/"  # not a record: leader keys hold plain identities
@@ -90,6 +108,10 @@ class Keys:
         self.models = self.of(Section.MODEL)
         self.endpoints = self.of(Section.ENDPOINT)
         self.statuses = self.of(Section.RUNTIME_STATUS)
+        self.jobs = self.of(Section.JOB)
+        self.streams = self.of(Section.STREAM)
+        self.job_statuses = self.of(Section.JOB_STATUS)
+        self.stream_statuses = self.of(Section.STREAM_STATUS)
         self.elections = self.root + ELECTION_PATH.encode()
 
     def of(self, section: Section) -> bytes:
@@ -115,6 +137,21 @@ class Keys:
 
     def runtime_status(self, name: str) -> bytes:
         return self.record(Section.RUNTIME_STATUS, name)
+
+    def job(self, name: str) -> bytes:
+        return self.record(Section.JOB, name)
+
+    def stream(self, name: str) -> bytes:
+        return self.record(Section.STREAM, name)
+
+    def job_status(self, name: str) -> bytes:
+        return self.record(Section.JOB_STATUS, name)
+
+    def stream_status(self, name: str) -> bytes:
+        return self.record(Section.STREAM_STATUS, name)
+
+    def gateway_defaults(self, name: str = "default") -> bytes:
+        return self.record(Section.GATEWAY_DEFAULTS, name)
 
     def election(self, name: str = "reconciler") -> bytes:
         return self.elections + name.encode()

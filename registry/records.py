@@ -1,4 +1,5 @@
-"""The registry's records in etcd: models, runtimes and runtime status (aetcd, asyncio).
+"""The registry's records in etcd: models, runtimes, runtime status and the gateway
+defaults (aetcd, asyncio); jobs and streams are workloads.py's.
 
 RecordStore is the base of RegistryStore (store.py), which adds endpoints and their leases
 (endpoints.py), leader election (election.py) and watches; use RegistryStore:
@@ -15,7 +16,9 @@ depends on:
   the revision just read, and retried when someone else wrote in between);
 - referential integrity: a model's runtimes exist and load its formats (their
   mod_revisions are compared in the transaction); a runtime used by models is not deleted
-  without `force`, and does not drop a format they use (the models' range is compared).
+  without `force`, and does not drop a format they use (the models' range is compared);
+  likewise a model called by jobs or streams is not deleted without `force`, and does not
+  drop a version one of them pins (the jobs' and streams' ranges are compared).
 A spec's own fields are validated once, before the first read; only the checks against
 the records read are repeated on each attempt. Errors are the classes of registry.errors,
 never raw etcd or gRPC exceptions.
@@ -37,6 +40,8 @@ from modelgw.registry.errors import CorruptRecordError, IntegrityError, NotFound
 from modelgw.registry.etcd import Etcd
 from modelgw.registry.keys import DEFAULT_PREFIX, Keys
 from modelgw.registry.validation import (
+    GATEWAY_DEFAULTS_NAME,
+    check_gateway_defaults,
     check_model,
     check_model_formats,
     check_runtime,
@@ -83,35 +88,46 @@ class RecordStore:
 
     async def apply_model(self, spec: rpb.ModelSpec, expected_revision: int | None = None) -> rpb.ApplyModelResponse:
         """Create or update a model. Raises ValidationError, IntegrityError (a runtime it
-        names does not exist), ConflictError (not at expected_revision)."""
+        names does not exist, or the update drops a version a job or stream pins),
+        ConflictError (not at expected_revision)."""
         check_model(spec)
         what = f"models/{spec.name}"
         names = model_runtimes(spec)
+        n = len(names)
 
         def plan(read: Read) -> Write | None:
-            runtime_kvs = {n: read.kv(i) for i, n in enumerate(names)}
-            missing = [n for n, kv in runtime_kvs.items() if kv is None]
+            runtime_kvs = {name: read.kv(i) for i, name in enumerate(names)}
+            missing = [name for name, kv in runtime_kvs.items() if kv is None]
             if missing:
                 raise IntegrityError(_missing_runtimes(what, spec, missing))
-            check_model_formats(spec, {n: _decode(kv, rpb.RuntimeSpec) for n, kv in runtime_kvs.items()})
-            if _same(read.current, spec):
+            check_model_formats(spec, {name: decode_kv(kv, rpb.RuntimeSpec) for name, kv in runtime_kvs.items()})
+            if same_record(read.current, spec):
                 return None
-            guards = [ops.mod_revision_is(self.keys.runtime(n), kv.mod_revision) for n, kv in runtime_kvs.items()]
+            guards = [ops.mod_revision_is(self.keys.runtime(name), kv.mod_revision) for name, kv in runtime_kvs.items()]
+            dropped = set(_versions(read.current)) - {v.version for v in spec.versions}
+            if dropped:
+                pinned = _pinned_versions(spec.name, dropped, read.kvs(n), read.kvs(n + 1))
+                if pinned:
+                    raise IntegrityError(f"{what}: versions: {pinned}; change those first")
+                # a job or stream applied meanwhile could pin a dropped version: guard their ranges
+                guards += [ops.unchanged_since(self.keys.jobs, read.revision),
+                           ops.unchanged_since(self.keys.streams, read.revision)]
             return Write([ops.put(self.keys.model(spec.name), codec.encode(spec))], guards)
 
         written = await conditional_write(
             self.etcd, what, self.keys.model(spec.name), expected_revision, plan,
-            reads=[ops.get(self.keys.runtime(n)) for n in names],
+            reads=[*(ops.get(self.keys.runtime(name)) for name in names),
+                   ops.get_prefix(self.keys.jobs), ops.get_prefix(self.keys.streams)],
         )
         record = rpb.ModelRecord(spec=spec, revision=written.revision, create_revision=written.create_revision)
-        return rpb.ApplyModelResponse(record=record, outcome=_outcome(written.current, written.wrote))
+        return rpb.ApplyModelResponse(record=record, outcome=outcome_of(written.current, written.wrote))
 
     async def get_model(self, name: str) -> rpb.ModelRecord:
         check_name("models", name)
         kv = first(await self.etcd.range(self.keys.model(name)))
         if kv is None:
             raise NotFoundError(f"models/{name} does not exist")
-        return rpb.ModelRecord(spec=_decode(kv, rpb.ModelSpec), revision=kv.mod_revision, create_revision=kv.create_revision)
+        return rpb.ModelRecord(spec=decode_kv(kv, rpb.ModelSpec), revision=kv.mod_revision, create_revision=kv.create_revision)
 
     async def list_models(self) -> rpb.ListModelsResponse:
         response = await self.etcd.range_prefix(self.keys.models)
@@ -121,13 +137,30 @@ class RecordStore:
         ]
         return rpb.ListModelsResponse(models=models, revision=response.header.revision)
 
-    async def delete_model(self, name: str, expected_revision: int | None = None) -> int:
-        """Delete a model; returns the etcd revision of the deletion."""
+    async def delete_model(self, name: str, expected_revision: int | None = None, force: bool = False) -> int:
+        """Delete a model; returns the etcd revision of the deletion. Refused with
+        IntegrityError while jobs or streams call it, unless force (they then fail, saying
+        the model does not exist, until it is applied again), as runtimes used by models are."""
         check_name("models", name)
+        what = f"models/{name}"
         key = self.keys.model(name)
+
+        def plan(read: Read) -> Write:
+            guards = []
+            if not force:
+                users = _model_users(name, read.kvs(0), read.kvs(1))
+                if users:
+                    raise IntegrityError(
+                        f"{what} is used by {', '.join(users)}; delete or change those first, or delete with force"
+                    )
+                # no job or stream may start calling it between this read and the delete
+                guards += [ops.unchanged_since(self.keys.jobs, read.revision),
+                           ops.unchanged_since(self.keys.streams, read.revision)]
+            return Write([ops.delete(key)], guards)
+
         written = await conditional_write(
-            self.etcd, f"models/{name}", key, expected_revision, lambda read: Write([ops.delete(key)]),
-            must_exist=True, verb="delete",
+            self.etcd, what, key, expected_revision, plan,
+            reads=[ops.get_prefix(self.keys.jobs), ops.get_prefix(self.keys.streams)], must_exist=True, verb="delete",
         )
         return written.revision
 
@@ -145,8 +178,8 @@ class RecordStore:
         def plan(read: Read) -> Write | None:
             nonlocal status
             status_kv = read.kv(0)
-            status = _decode(status_kv, rpb.RuntimeStatus) if status_kv else None
-            if _same(read.current, spec):
+            status = decode_kv(status_kv, rpb.RuntimeStatus) if status_kv else None
+            if same_record(read.current, spec):
                 return None
             guards = []
             if set(_formats(read.current)) - set(spec.model_formats):
@@ -162,7 +195,7 @@ class RecordStore:
             reads=[ops.get(self.keys.runtime_status(spec.name)), ops.get_prefix(self.keys.models)],
         )
         record = _runtime_record(spec, written.revision, written.create_revision, status)
-        return rpb.ApplyRuntimeResponse(record=record, outcome=_outcome(written.current, written.wrote))
+        return rpb.ApplyRuntimeResponse(record=record, outcome=outcome_of(written.current, written.wrote))
 
     async def get_runtime(self, name: str) -> rpb.RuntimeRecord:
         check_name("runtimes", name)
@@ -171,8 +204,8 @@ class RecordStore:
         if kv is None:
             raise NotFoundError(f"runtimes/{name} does not exist")
         status_kv = first(read.responses[1])
-        status = _decode(status_kv, rpb.RuntimeStatus) if status_kv else None
-        return _runtime_record(_decode(kv, rpb.RuntimeSpec), kv.mod_revision, kv.create_revision, status)
+        status = decode_kv(status_kv, rpb.RuntimeStatus) if status_kv else None
+        return _runtime_record(decode_kv(kv, rpb.RuntimeSpec), kv.mod_revision, kv.create_revision, status)
 
     async def list_runtimes(self) -> rpb.ListRuntimesResponse:
         read = await self.etcd.txn(success=[ops.get_prefix(self.keys.runtimes), ops.get_prefix(self.keys.statuses)])
@@ -234,7 +267,42 @@ class RecordStore:
     async def get_runtime_status(self, name: str) -> rpb.RuntimeStatus | None:
         check_name("runtimes", name)
         kv = first(await self.etcd.range(self.keys.runtime_status(name)))
-        return _decode(kv, rpb.RuntimeStatus) if kv else None
+        return decode_kv(kv, rpb.RuntimeStatus) if kv else None
+
+    # ------------------------------------------------------------------ gateway defaults
+
+    async def apply_gateway_defaults(
+        self, spec: rpb.GatewayDefaults, expected_revision: int | None = None
+    ) -> rpb.ApplyGatewayDefaultsResponse:
+        """Create or update the registry-wide gateway defaults (the one record, named
+        "default"). Raises ValidationError, ConflictError."""
+        check_gateway_defaults(spec)
+        key = self.keys.gateway_defaults(spec.name)
+
+        def plan(read: Read) -> Write | None:
+            return None if same_record(read.current, spec) else Write([ops.put(key, codec.encode(spec))])
+
+        written = await conditional_write(self.etcd, f"gateway-defaults/{spec.name}", key, expected_revision, plan)
+        record = rpb.GatewayDefaultsRecord(spec=spec, revision=written.revision, create_revision=written.create_revision)
+        return rpb.ApplyGatewayDefaultsResponse(record=record, outcome=outcome_of(written.current, written.wrote))
+
+    async def get_gateway_defaults(self, name: str = GATEWAY_DEFAULTS_NAME) -> rpb.GatewayDefaultsRecord:
+        """The gateway defaults record; NotFoundError when none was applied. "" means "default"."""
+        name = _defaults_name(name)
+        kv = first(await self.etcd.range(self.keys.gateway_defaults(name)))
+        if kv is None:
+            raise NotFoundError(f"gateway-defaults/{name} does not exist")
+        spec = decode_kv(kv, rpb.GatewayDefaults)
+        return rpb.GatewayDefaultsRecord(spec=spec, revision=kv.mod_revision, create_revision=kv.create_revision)
+
+    async def delete_gateway_defaults(self, name: str = GATEWAY_DEFAULTS_NAME, expected_revision: int | None = None) -> int:
+        name = _defaults_name(name)
+        key = self.keys.gateway_defaults(name)
+        written = await conditional_write(
+            self.etcd, f"gateway-defaults/{name}", key, expected_revision, lambda read: Write([ops.delete(key)]),
+            must_exist=True, verb="delete",
+        )
+        return written.revision
 
 
 # ---------------------------------------------------------------------- helpers
@@ -252,16 +320,17 @@ def decode_all(kvs: Iterable[rpc.KeyValue], cls: type[M]) -> list[tuple[rpc.KeyV
     return decoded
 
 
-def _decode(kv: rpc.KeyValue, cls: type[M]) -> M:
+def decode_kv(kv: rpc.KeyValue, cls: type[M]) -> M:
+    """One stored record; CorruptRecordError naming its key when it is not one."""
     return codec.decode(kv.value, cls, kv.key)
 
 
-def _same(kv: rpc.KeyValue | None, spec: Message) -> bool:
+def same_record(kv: rpc.KeyValue | None, spec: Message) -> bool:
     """Whether the stored record already is `spec` (an unreadable one is not)."""
     if kv is None:
         return False
     try:
-        return _decode(kv, type(spec)) == spec
+        return decode_kv(kv, type(spec)) == spec
     except CorruptRecordError:
         return False
 
@@ -269,12 +338,13 @@ def _same(kv: rpc.KeyValue | None, spec: Message) -> bool:
 def _formats(kv: rpc.KeyValue | None) -> list[str]:
     """The model formats of a stored runtime (none when absent or unreadable)."""
     try:
-        return list(_decode(kv, rpb.RuntimeSpec).model_formats) if kv else []
+        return list(decode_kv(kv, rpb.RuntimeSpec).model_formats) if kv else []
     except CorruptRecordError:
         return []
 
 
-def _outcome(current: rpc.KeyValue | None, wrote: bool) -> int:
+def outcome_of(current: rpc.KeyValue | None, wrote: bool) -> int:
+    """The ApplyOutcome of a conditional write that found `current` and `wrote` or not."""
     if not wrote:
         return rpb.UNCHANGED
     return rpb.UPDATED if current is not None else rpb.CREATED
@@ -306,3 +376,41 @@ def _dropped_formats(spec: rpb.RuntimeSpec, models: list[rpb.ModelSpec]) -> str:
             if version.runtime == spec.name and version.format not in spec.model_formats:
                 uses.append(f"'{version.format}' is still used by models/{model.name} versions[{i}]")
     return "; ".join(uses)
+
+
+def _versions(kv: rpc.KeyValue | None) -> list[str]:
+    """The versions of a stored model (none when absent or unreadable)."""
+    try:
+        return [v.version for v in decode_kv(kv, rpb.ModelSpec).versions] if kv else []
+    except CorruptRecordError:
+        return []
+
+
+def _workloads(jobs: Iterable[rpc.KeyValue], streams: Iterable[rpc.KeyValue]) -> list[tuple[str, rpb.ModelCall]]:
+    """("jobs/<name>" or "streams/<name>", the model it calls) of every job and stream."""
+    calls = [(f"jobs/{s.name}", s.model) for _, s in decode_all(jobs, rpb.JobSpec)]
+    return calls + [(f"streams/{s.name}", s.model) for _, s in decode_all(streams, rpb.StreamSpec)]
+
+
+def _model_users(model: str, jobs: Iterable[rpc.KeyValue], streams: Iterable[rpc.KeyValue]) -> list[str]:
+    return [what for what, call in _workloads(jobs, streams) if call.model == model]
+
+
+def _pinned_versions(
+    model: str, dropped: set[str], jobs: Iterable[rpc.KeyValue], streams: Iterable[rpc.KeyValue]
+) -> str:
+    """Which jobs and streams pin a version this model spec no longer has, as one message."""
+    return "; ".join(
+        f"version {call.version!r} is still called by {what}"
+        for what, call in _workloads(jobs, streams)
+        if call.model == model and call.version in dropped
+    )
+
+
+def _defaults_name(name: str) -> str:
+    name = name or GATEWAY_DEFAULTS_NAME
+    if name != GATEWAY_DEFAULTS_NAME:
+        raise ValidationError(
+            f"gateway-defaults/{name}: name: the one GatewayDefaults record is named {GATEWAY_DEFAULTS_NAME!r}"
+        )
+    return name

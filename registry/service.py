@@ -47,7 +47,7 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
         return await self.store.list_models()
 
     async def DeleteModel(self, request, context):
-        revision = await self.store.delete_model(request.name, self._expected(request))
+        revision = await self.store.delete_model(request.name, self._expected(request), force=request.force)
         return rpb.DeleteResponse(revision=revision)
 
     async def ApplyRuntime(self, request, context):
@@ -62,6 +62,43 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
 
     async def DeleteRuntime(self, request, context):
         revision = await self.store.delete_runtime(request.name, self._expected(request), force=request.force)
+        return rpb.DeleteResponse(revision=revision)
+
+    async def ApplyJob(self, request, context):
+        _require_spec(request, "jobs")
+        return await self.store.apply_job(request.spec, self._expected(request))
+
+    async def GetJob(self, request, context):
+        return await self.store.get_job(request.name)
+
+    async def ListJobs(self, request, context):
+        return await self.store.list_jobs()
+
+    async def DeleteJob(self, request, context):
+        return rpb.DeleteResponse(revision=await self.store.delete_job(request.name, self._expected(request)))
+
+    async def ApplyStream(self, request, context):
+        _require_spec(request, "streams")
+        return await self.store.apply_stream(request.spec, self._expected(request))
+
+    async def GetStream(self, request, context):
+        return await self.store.get_stream(request.name)
+
+    async def ListStreams(self, request, context):
+        return await self.store.list_streams()
+
+    async def DeleteStream(self, request, context):
+        return rpb.DeleteResponse(revision=await self.store.delete_stream(request.name, self._expected(request)))
+
+    async def ApplyGatewayDefaults(self, request, context):
+        _require_spec(request, "gateway-defaults")
+        return await self.store.apply_gateway_defaults(request.spec, self._expected(request))
+
+    async def GetGatewayDefaults(self, request, context):
+        return await self.store.get_gateway_defaults(request.name)  # "" is the one record, "default"
+
+    async def DeleteGatewayDefaults(self, request, context):
+        revision = await self.store.delete_gateway_defaults(request.name, self._expected(request))
         return rpb.DeleteResponse(revision=revision)
 
     async def ListEndpoints(self, request, context):

@@ -1,7 +1,8 @@
 """RegistryStore: the registry client (aetcd, asyncio), composed of one module per concern:
 
-    records.py    models, runtimes and runtime status: validated, conditional writes
-                  (writes.py: the one read-check-transaction-retry loop)
+    records.py    models, runtimes, runtime status and the gateway defaults: validated,
+                  conditional writes (writes.py: the one read-check-transaction-retry loop)
+    workloads.py  jobs and streams, and their status (read-modify-write by two writers)
     endpoints.py  replicas' endpoint records and the leases they live under
     election.py   leader-election primitives on an etcd key
     this module   the two watches: every registry change, and one runtime's models
@@ -31,11 +32,12 @@ from modelgw.registry.follow import Changes, Reset, follow_prefix
 from modelgw.registry.keys import KIND
 from modelgw.registry.records import check_name, decode_all
 from modelgw.registry.validation import uses_runtime
+from modelgw.registry.workloads import WorkloadStore
 
 log = logging.getLogger(__name__)
 
 
-class RegistryStore(EndpointStore, ElectionStore):
+class RegistryStore(EndpointStore, ElectionStore, WorkloadStore):
     """Registry records in etcd under one key prefix. Use as `async with`, or call close()."""
 
     async def watch(self, start_revision: int = 0) -> AsyncIterator[rpb.WatchEvent]:

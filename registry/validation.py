@@ -22,6 +22,18 @@ MAX_TIMEOUT_SECONDS = 3600.0
 MAX_BATCH_SIZE = 65536
 MAX_QUEUE_DELAY_MS = 60_000.0
 MAX_DESCRIPTION = 1024
+MAX_PARALLELISM = 256  # a job's infer calls in flight
+MAX_IN_FLIGHT = 65536  # a stream replica's messages read and not yet acknowledged
+MAX_BACKOFF_LIMIT = 100
+MAX_TTL_SECONDS = 2**31 - 1  # Kubernetes' ttlSecondsAfterFinished is an int32
+MAX_ROW_FAILURES = 1000  # failures kept in a JobStatus (rows_failed counts them all): etcd values stay small
+MAX_BURST_SECONDS = 3600.0
+# what a job or stream leaves at 0 means these (the proto's comments); checks compare against them
+DEFAULT_JOB_BATCH_SIZE = 256
+DEFAULT_JOB_PARALLELISM = 4
+DEFAULT_STREAM_BATCH_SIZE = 32
+DEFAULT_STREAM_MAX_IN_FLIGHT = 256
+GATEWAY_DEFAULTS_NAME = "default"  # the one GatewayDefaults record
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 # Model names as Triton allows them in practice ("simple_string", "resnet50.v1"): never a
@@ -320,6 +332,22 @@ def _limits(p: _Problems, limits: rpb.ModelLimits) -> None:
             p.add(f"limits.{field}", f"{value:g} is more than the maximum of {maximum:g}")
     if limits.max_batch_size > MAX_BATCH_SIZE:
         p.add("limits.max_batch_size", f"{limits.max_batch_size} is more than the maximum of {MAX_BATCH_SIZE}")
+    if limits.HasField("per_tenant"):
+        _tenant_limit(p, "limits.per_tenant", limits.per_tenant)
+
+
+def _tenant_limit(p: _Problems, field: str, limit: rpb.TenantLimit) -> None:
+    for name, value, maximum in (
+        ("requests_per_second", limit.requests_per_second, math.inf),
+        ("tokens_per_minute", limit.tokens_per_minute, math.inf),
+        ("burst_seconds", limit.burst_seconds, MAX_BURST_SECONDS),
+    ):
+        if not math.isfinite(value) or value < 0:
+            p.add(f"{field}.{name}", f"{value} must be a finite number of zero or more (0: no limit / the default)")
+        elif value > maximum:
+            p.add(f"{field}.{name}", f"{value:g} is more than the maximum of {maximum:g}")
+    if limit.tenant_claim and not _TOKEN.match(limit.tenant_claim):
+        p.add(f"{field}.tenant_claim", f"{limit.tenant_claim!r} must be a claim name without spaces (e.g. sub, tenant)")
 
 
 def _format_loaded(p: _Problems, field: str, version: rpb.ModelVersion, runtimes: Mapping[str, rpb.RuntimeSpec]) -> None:
@@ -392,3 +420,263 @@ def check_runtime_status(status: rpb.RuntimeStatus) -> None:
     p.name("name", status.name)
     if p.items:
         raise ValidationError(p.items)
+
+
+# ---------------------------------------------------------------- gateway defaults
+
+
+def gateway_defaults_problems(spec: rpb.GatewayDefaults) -> list[str]:
+    p = _Problems(_record("gateway-defaults", spec.name))
+    if spec.name != GATEWAY_DEFAULTS_NAME:
+        given = f"{spec.name!r} is not allowed" if spec.name else "required"
+        p.add("name", f"{given}: the one GatewayDefaults record is named {GATEWAY_DEFAULTS_NAME!r}")
+    if spec.HasField("per_tenant"):
+        _tenant_limit(p, "per_tenant", spec.per_tenant)
+    return p.items
+
+
+def check_gateway_defaults(spec: rpb.GatewayDefaults) -> None:
+    problems = gateway_defaults_problems(spec)
+    if problems:
+        raise ValidationError(problems)
+
+
+# ---------------------------------------------------------------- jobs and streams
+
+# input files whose format the extension says (JobSpec.format FORMAT_UNSPECIFIED)
+JOB_FORMAT_OF_EXTENSION = {".jsonl": rpb.JobSpec.JSONL, ".parquet": rpb.JobSpec.PARQUET}
+_SECRET_REF = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/[-._A-Za-z0-9]{1,253}$")
+_KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+# a NATS subject: '.'-separated tokens without spaces; '*' and '>' wildcards only as whole tokens
+_NATS_TOKEN = re.compile(r"^([^\s.*>]+|\*|>)$")
+_NATS_NAME = re.compile(r"^[^\s.*>/\\]{1,255}$")  # JetStream stream and durable consumer names
+
+
+def job_input_format(spec: rpb.JobSpec) -> int:
+    """The input's format: the spec's, else what the input URI's extension says
+    (FORMAT_UNSPECIFIED when neither says: job_problems refuses such a spec)."""
+    if spec.format != rpb.JobSpec.FORMAT_UNSPECIFIED:
+        return spec.format
+    return JOB_FORMAT_OF_EXTENSION.get(_extension(spec.input_uri), rpb.JobSpec.FORMAT_UNSPECIFIED)
+
+
+def _extension(uri: str) -> str:
+    path = urlsplit(uri).path if "://" in uri else uri
+    name = path.rstrip("/").rpartition("/")[2]
+    dot = name.rfind(".")
+    return name[dot:].lower() if dot > 0 else ""
+
+
+def _model_call(p: _Problems, call: rpb.ModelCall, present: bool) -> None:
+    if not present or not call.model:
+        p.add("model.model", "required: the name of the model to call (a model in the registry)")
+    elif not is_model_name(call.model):
+        p.add("model.model", f"{call.model!r} is not a model name ({MODEL_NAME_RULE})")
+    if call.version and not _VERSION.match(call.version):
+        p.add("model.version", f"{call.version!r} is not a version name (letters, digits, '.', '_', '-', at most 63)")
+    if call.mode not in rpb.ModelCall.Mode.values():
+        p.add("model.mode", f"{call.mode} is not one of {', '.join(rpb.ModelCall.Mode.keys())}")
+    if call.mode == rpb.ModelCall.IN_PROCESS:
+        for field in ("gateway", "token_file", "token_secret"):
+            if getattr(call, field):
+                p.add(f"model.{field}", "only for mode GATEWAY (IN_PROCESS loads the model in the job's process)")
+    if call.gateway:
+        host, sep, port = call.gateway.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            p.add("model.gateway", f"{call.gateway!r} is not host:port (the gateway's gRPC listener)")
+    if call.token_file and not call.token_file.startswith("/"):
+        p.add("model.token_file", f"{call.token_file!r} must be an absolute path")
+    if call.token_file and call.token_secret:
+        p.add("model.token_secret", "give token_file or token_secret, not both")
+    if call.token_secret and not _SECRET_REF.match(call.token_secret):
+        p.add("model.token_secret", f"{call.token_secret!r} is not '<secret>/<key>' (a Secret name and one of its keys)")
+    if not math.isfinite(call.timeout_seconds) or call.timeout_seconds < 0:
+        p.add("model.timeout_seconds", f"{call.timeout_seconds} must be a number of zero or more (0: 30 s)")
+    elif call.timeout_seconds > MAX_TIMEOUT_SECONDS:
+        p.add("model.timeout_seconds", f"{call.timeout_seconds:g} is more than the maximum of {MAX_TIMEOUT_SECONDS:g}")
+    seen: dict[str, int] = {}
+    for i, output in enumerate(call.outputs):
+        if not output:
+            p.add(f"model.outputs[{i}]", "must not be empty")
+        elif output in seen:
+            p.add(f"model.outputs[{i}]", f"{output!r} duplicates model.outputs[{seen[output]}]")
+        else:
+            seen[output] = i
+
+
+def _bounded(p: _Problems, field: str, value: int, maximum: int, zero_means: str) -> None:
+    if value > maximum:
+        p.add(field, f"{value} is more than the maximum of {maximum} (0: {zero_means})")
+
+
+def _workload(p: _Problems, spec: rpb.JobSpec | rpb.StreamSpec) -> None:
+    """What jobs and streams share: name, resources, image, env."""
+    p.name("name", spec.name, "jobs")
+    if spec.HasField("resources"):
+        _resources(p, spec.resources)
+    if spec.image and any(c.isspace() for c in spec.image):
+        p.add("image", f"{spec.image!r} must not contain spaces")
+    for key in spec.env:
+        if not _ENV_NAME.match(key):
+            p.add(f"env[{key!r}]", "not a valid environment variable name (letters, digits, '_', not starting with a digit)")
+
+
+def job_problems(spec: rpb.JobSpec) -> list[str]:
+    """Problems of a job on its own (that its model exists is the store's integrity check)."""
+    p = _Problems(_record("jobs", spec.name))
+    _workload(p, spec)
+    _model_call(p, spec.model, spec.HasField("model"))
+    _uri(p, "input_uri", spec.input_uri)
+    _uri(p, "output_uri", spec.output_uri)
+    if spec.input_uri and spec.input_uri == spec.output_uri:
+        p.add("output_uri", "must differ from input_uri (the output is a directory of parts beside a manifest)")
+    extension_format = JOB_FORMAT_OF_EXTENSION.get(_extension(spec.input_uri))
+    formats = ", ".join(JOB_FORMAT_OF_EXTENSION)
+    if spec.format not in rpb.JobSpec.Format.values():
+        p.add("format", f"{spec.format} is not one of {', '.join(rpb.JobSpec.Format.keys())}")
+    elif spec.format == rpb.JobSpec.FORMAT_UNSPECIFIED:
+        if spec.input_uri and extension_format is None:
+            p.add("format", f"required: input_uri does not end in {formats}, so say JSONL or PARQUET")
+    elif extension_format is not None and extension_format != spec.format:
+        p.add(
+            "format",
+            f"{rpb.JobSpec.Format.Name(spec.format)} contradicts input_uri's extension "
+            f"{_extension(spec.input_uri)!r} ({rpb.JobSpec.Format.Name(extension_format)}); "
+            "leave format out or make them agree",
+        )
+    for model_input, column in spec.inputs.items():
+        if not model_input:
+            p.add("inputs", "a model input name must not be empty")
+        if not column:
+            p.add(f"inputs[{model_input!r}]", "the column name must not be empty")
+    if spec.id_column and spec.id_column.strip() != spec.id_column:
+        p.add("id_column", f"{spec.id_column!r} must not start or end with spaces")
+    _bounded(p, "batch_size", spec.batch_size, MAX_BATCH_SIZE, f"{DEFAULT_JOB_BATCH_SIZE} rows per infer call")
+    _bounded(p, "parallelism", spec.parallelism, MAX_PARALLELISM, f"{DEFAULT_JOB_PARALLELISM} infer calls in flight")
+    _bounded(p, "backoff_limit", spec.backoff_limit, MAX_BACKOFF_LIMIT, "6 restarts")
+    _bounded(p, "ttl_seconds_after_finished", spec.ttl_seconds_after_finished, MAX_TTL_SECONDS, "3600 s")
+    return p.items
+
+
+def check_job(spec: rpb.JobSpec) -> None:
+    problems = job_problems(spec)
+    if problems:
+        raise ValidationError(problems)
+
+
+def _topic(p: _Problems, field: str, topic: rpb.BrokerTopic, broker: int, *, source: bool, broker_of_source: int = 0) -> None:
+    """One end of a stream; `broker` is the one it uses (a sink's or dead letter's unset
+    broker and servers are the source's)."""
+    if topic.broker not in rpb.BrokerTopic.Broker.values():
+        p.add(f"{field}.broker", f"{topic.broker} is not one of KAFKA, NATS")
+    elif source and topic.broker == rpb.BrokerTopic.BROKER_UNSPECIFIED:
+        p.add(f"{field}.broker", "required: KAFKA or NATS")
+    if source and not topic.servers:
+        p.add(f"{field}.servers", "required: the Kafka bootstrap servers or NATS URLs (host:port or nats://host:port)")
+    elif not source and not topic.servers and topic.broker and topic.broker != broker_of_source:
+        p.add(f"{field}.servers", "required: its broker is not the source's, so the source's servers do not apply")
+    for i, server in enumerate(topic.servers):
+        if not server or any(c.isspace() for c in server):
+            p.add(f"{field}.servers[{i}]", f"{server!r} must be a non-empty address without spaces")
+    if not topic.topic:
+        what = "subject" if broker == rpb.BrokerTopic.NATS else "topic"
+        p.add(f"{field}.topic", f"required: the {what} to {'read' if source else 'write'}")
+    elif broker == rpb.BrokerTopic.KAFKA and not _KAFKA_TOPIC.match(topic.topic):
+        p.add(f"{field}.topic", f"{topic.topic!r} is not a Kafka topic name (letters, digits, '.', '_', '-', at most 249)")
+    elif broker == rpb.BrokerTopic.NATS:
+        tokens = topic.topic.split(".")
+        if not all(_NATS_TOKEN.match(t) for t in tokens) or ">" in tokens[:-1]:
+            p.add(f"{field}.topic", f"{topic.topic!r} is not a NATS subject (non-empty '.'-separated tokens, no spaces)")
+        elif not source and any(t in ("*", ">") for t in tokens):
+            p.add(f"{field}.topic", f"{topic.topic!r}: a subject written to cannot hold the wildcards '*' or '>'")
+    if source and not topic.group:
+        what = "JetStream durable consumer name" if broker == rpb.BrokerTopic.NATS else "Kafka consumer group"
+        p.add(f"{field}.group", f"required: the {what} (the replicas share it)")
+    elif not source and topic.group:
+        p.add(f"{field}.group", "only for the source (the consumer group / durable consumer that reads it)")
+    if topic.group and broker == rpb.BrokerTopic.NATS and not _NATS_NAME.match(topic.group):
+        p.add(f"{field}.group", f"{topic.group!r} is not a durable consumer name (no spaces, '.', '*', '>', '/')")
+    if topic.stream and broker != rpb.BrokerTopic.NATS:
+        p.add(f"{field}.stream", "only for NATS (the JetStream stream holding the subject)")
+    elif topic.stream and not _NATS_NAME.match(topic.stream):
+        p.add(f"{field}.stream", f"{topic.stream!r} is not a JetStream stream name (no spaces, '.', '*', '>', '/')")
+
+
+def _same_destination(a: rpb.BrokerTopic, b: rpb.BrokerTopic, source: rpb.BrokerTopic) -> bool:
+    """Whether two ends of a stream name the same topic on the same broker (an unset
+    broker or servers being the source's)."""
+    def where(t: rpb.BrokerTopic) -> tuple[int, tuple[str, ...], str]:
+        return (t.broker or source.broker, tuple(sorted(t.servers or source.servers)), t.topic)
+
+    return where(a) == where(b)
+
+
+def stream_problems(spec: rpb.StreamSpec) -> list[str]:
+    """Problems of a stream on its own (that its model exists is the store's integrity check)."""
+    p = _Problems(_record("streams", spec.name))
+    _workload(p, spec)
+    source = spec.source
+    if not spec.HasField("source"):
+        p.add("source", "required: the Kafka topic or NATS subject to consume (broker, servers, topic, group)")
+    else:
+        _topic(p, "source", source, source.broker, source=True)
+    _model_call(p, spec.model, spec.HasField("model"))
+    if not spec.HasField("sink"):
+        p.add("sink", "required: the topic or subject the results are written to (topic; broker and servers "
+                      "default to the source's)")
+    else:
+        _topic(p, "sink", spec.sink, spec.sink.broker or source.broker, source=False, broker_of_source=source.broker)
+        if spec.sink.topic and _same_destination(spec.sink, source, source):
+            p.add("sink.topic", f"{spec.sink.topic!r} is the source: results would be consumed again")
+    if spec.HasField("dead_letter"):
+        _topic(p, "dead_letter", spec.dead_letter, spec.dead_letter.broker or source.broker, source=False,
+               broker_of_source=source.broker)
+        if spec.dead_letter.topic and _same_destination(spec.dead_letter, source, source):
+            p.add("dead_letter.topic", f"{spec.dead_letter.topic!r} is the source: failures would be consumed again")
+    _bounded(p, "replicas", spec.replicas, MAX_REPLICAS, "1 consumer process")
+    _bounded(p, "max_in_flight", spec.max_in_flight, MAX_IN_FLIGHT, f"{DEFAULT_STREAM_MAX_IN_FLIGHT} messages")
+    _bounded(p, "batch_size", spec.batch_size, MAX_BATCH_SIZE, f"{DEFAULT_STREAM_BATCH_SIZE} messages per infer call")
+    batch = spec.batch_size or DEFAULT_STREAM_BATCH_SIZE
+    in_flight = spec.max_in_flight or DEFAULT_STREAM_MAX_IN_FLIGHT
+    if spec.batch_size <= MAX_BATCH_SIZE and spec.max_in_flight <= MAX_IN_FLIGHT and batch > in_flight:
+        # a batch could never fill: it would only ever leave on its delay
+        p.add("batch_size", f"{batch} is more than max_in_flight ({in_flight}), so a batch could never fill")
+    delay = spec.max_batch_delay_ms
+    if not math.isfinite(delay) or delay < 0:
+        p.add("max_batch_delay_ms", f"{delay} must be a number of zero or more (0: 5 ms)")
+    elif delay > MAX_QUEUE_DELAY_MS:
+        p.add("max_batch_delay_ms", f"{delay:g} is more than the maximum of {MAX_QUEUE_DELAY_MS:g}")
+    return p.items
+
+
+def check_stream(spec: rpb.StreamSpec) -> None:
+    problems = stream_problems(spec)
+    if problems:
+        raise ValidationError(problems)
+
+
+def check_job_status(status: rpb.JobStatus) -> None:
+    p = _Problems(f"status/jobs/{status.name or '<unnamed>'}")
+    p.name("name", status.name)
+    if status.phase not in rpb.JobStatus.Phase.values():
+        p.add("phase", f"{status.phase} is not one of {', '.join(rpb.JobStatus.Phase.keys())}")
+    if not math.isfinite(status.rows_per_second) or status.rows_per_second < 0:
+        p.add("rows_per_second", f"{status.rows_per_second} must be a finite number of zero or more")
+    if len(status.failures) > MAX_ROW_FAILURES:
+        p.add("failures", f"{len(status.failures)} kept; at most {MAX_ROW_FAILURES} (rows_failed counts them all)")
+    if p.items:
+        raise ValidationError(p.items)
+
+
+def check_stream_status(status: rpb.StreamStatus) -> None:
+    p = _Problems(f"status/streams/{status.name or '<unnamed>'}")
+    p.name("name", status.name)
+    if status.consumer_lag < -1:
+        p.add("consumer_lag", f"{status.consumer_lag} must be -1 (unknown) or more")
+    if p.items:
+        raise ValidationError(p.items)
+
+
+def workload_model(spec: rpb.JobSpec | rpb.StreamSpec) -> tuple[str, str]:
+    """(model, version) a job or stream calls."""
+    return spec.model.model, spec.model.version

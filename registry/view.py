@@ -7,6 +7,8 @@ The gateway routes on it, so reads are plain attribute and dict reads, never awa
     spec = view.models.get("resnet")    # ModelSpec | None
     eps = view.endpoints                # {"<runtime>/<instance>": Endpoint}
     snap = view.snapshot                # one consistent Snapshot (models, runtimes, ...)
+    view.jobs, view.job_statuses        # and streams, stream_statuses: by name
+    view.gateway_defaults               # GatewayDefaults | None
 
 Each update replaces the snapshot with a new one (copy on write of the sections it
 touches) and applies a whole etcd watch response at once, so a reader never sees half of
@@ -46,6 +48,7 @@ from modelgw.registry.errors import CorruptRecordError, UnavailableError
 from modelgw.registry.follow import Changes, Connected, Disconnected, Reset, follow_prefix
 from modelgw.registry.keys import KIND, KINDS, ParsedKey, Section
 from modelgw.registry.store import RegistryStore
+from modelgw.registry.validation import GATEWAY_DEFAULTS_NAME
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,27 @@ class Snapshot:
     @property
     def statuses(self) -> dict[str, rpb.RuntimeStatus]:
         return self.sections[Section.RUNTIME_STATUS]
+
+    @property
+    def jobs(self) -> dict[str, rpb.JobSpec]:
+        return self.sections[Section.JOB]
+
+    @property
+    def streams(self) -> dict[str, rpb.StreamSpec]:
+        return self.sections[Section.STREAM]
+
+    @property
+    def job_statuses(self) -> dict[str, rpb.JobStatus]:
+        return self.sections[Section.JOB_STATUS]
+
+    @property
+    def stream_statuses(self) -> dict[str, rpb.StreamStatus]:
+        return self.sections[Section.STREAM_STATUS]
+
+    @property
+    def gateway_defaults(self) -> rpb.GatewayDefaults | None:
+        """The registry-wide gateway defaults, None when none were applied."""
+        return self.sections[Section.GATEWAY_DEFAULTS].get(GATEWAY_DEFAULTS_NAME)
 
 
 class ChangeType(str, Enum):
@@ -139,6 +163,26 @@ class RegistryView:
     @property
     def statuses(self) -> dict[str, rpb.RuntimeStatus]:
         return self.snapshot.statuses
+
+    @property
+    def jobs(self) -> dict[str, rpb.JobSpec]:
+        return self.snapshot.jobs
+
+    @property
+    def streams(self) -> dict[str, rpb.StreamSpec]:
+        return self.snapshot.streams
+
+    @property
+    def job_statuses(self) -> dict[str, rpb.JobStatus]:
+        return self.snapshot.job_statuses
+
+    @property
+    def stream_statuses(self) -> dict[str, rpb.StreamStatus]:
+        return self.snapshot.stream_statuses
+
+    @property
+    def gateway_defaults(self) -> rpb.GatewayDefaults | None:
+        return self.snapshot.gateway_defaults
 
     @property
     def revision(self) -> int:

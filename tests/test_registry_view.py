@@ -106,8 +106,16 @@ async def test_every_kind_of_the_one_table_reaches_keys_view_and_watch(store):
     lease = await store.grant_lease(ttl=10)
     await store.put_endpoint(endpoint("torch-0"), lease)
     await store.put_runtime_status(rpb.RuntimeStatus(name="torch", replicas_ready=1))
+    call = rpb.ModelCall(model="a")
+    await store.apply_job(rpb.JobSpec(name="j", model=call, input_uri="/in.jsonl", output_uri="/out"))
+    await store.put_job_status(rpb.JobStatus(name="j", rows_done=1))
+    source = rpb.BrokerTopic(broker=rpb.BrokerTopic.NATS, servers=["nats://127.0.0.1:4222"], topic="in", group="g")
+    await store.apply_stream(rpb.StreamSpec(name="s", source=source, model=call, sink=rpb.BrokerTopic(topic="out")))
+    await store.put_stream_status(rpb.StreamStatus(name="s", replicas_ready=1))
+    await store.apply_gateway_defaults(rpb.GatewayDefaults(name="default"))
     names = {Section.RUNTIME: "torch", Section.MODEL: "a", Section.ENDPOINT: "torch/torch-0",
-             Section.RUNTIME_STATUS: "torch"}
+             Section.RUNTIME_STATUS: "torch", Section.JOB: "j", Section.JOB_STATUS: "j", Section.STREAM: "s",
+             Section.STREAM_STATUS: "s", Section.GATEWAY_DEFAULTS: "default"}
     assert set(names) == {kind.section for kind in KINDS}
     async with RegistryView(store) as view:
         watch = store.watch()
