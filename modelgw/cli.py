@@ -17,6 +17,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "modelgw.gateway.auth.cli": ("token",),
     "modelgw.reconciler.cli": ("reconcile",),
     "modelgw.runtimes.llm.cli": ("llm",),
+    "modelgw.pipelines.cli": ("job", "stream"),
     "modelgw.up": ("up",),
 }
 
