@@ -275,8 +275,12 @@ class KafkaSource(Source):
             start = await self.consumer.beginning_offsets(tps)
             lag = 0
             for tp in tps:
+                # Tansu answers ListOffsets with the last record batch's base offset + 1 (short
+                # of the end by the rest of that batch); the high watermark of our own fetches
+                # is right, for the partitions this member reads
+                last = max(end[tp], self.consumer.highwater(tp) or 0) if tp in self.partitions else end[tp]
                 committed = await self.consumer.committed(tp)  # the group's, whoever owns tp
-                lag += max(0, end[tp] - max(committed if committed is not None else 0, start[tp]))
+                lag += max(0, last - max(committed if committed is not None else 0, start[tp]))
         except (TimeoutError, KafkaError, OSError) as exc:
             log.debug("kafka %s: lag unknown: %s", self.topic.topic, exc)
             return None

@@ -3,6 +3,7 @@ or a NATS JetStream subject (a durable pull consumer), batches messages into inf
 publishes each result to the sink and acknowledges the source message after that.
 
     modelgw stream run -f stream.yaml [--etcd HOST:PORT]          # a Stream document
+    modelgw stream run -f stream.yaml --model-uri URI --runtime-kind KIND   # IN_PROCESS, no registry
     modelgw stream run --name fraud --etcd HOST:PORT [--prefix P] [--replica K]
 
 Messages. A source message's value is a JSON object mapping the model's input names to
@@ -22,7 +23,10 @@ to the dead-letter destination unchanged (same key, value and headers, so it can
 replayed once fixed) with `modelgw-error` (the message a person acts on) and
 `modelgw-error-code` (INVALID_ARGUMENT, INTERNAL, ...) headers and the provenance
 headers; then it is acknowledged. Without a dead-letter destination such a message is
-logged and acknowledged. Other failures are nobody's row: the model not found, forbidden,
+logged and acknowledged. (A runtime that batches dynamically, max_batch_size > 0, now
+fails every request merged into a predict call that raises, so a bad message can take
+good ones of concurrent calls with it into the dead letter; runtimes/batching.py's to fix.)
+Other failures are nobody's row: the model not found, forbidden,
 unreachable after the caller's retries. The batch is then retried with backoff for as
 long as it takes, and nothing is acknowledged meanwhile (the lag shows it).
 
@@ -175,6 +179,7 @@ class StreamRunner:
         self._stopping = asyncio.Event()
         self._call_outage = OutageLog(log, f"stream {spec.name}: model '{spec.model.model}'")
         self._publish_outage = OutageLog(log, f"stream {spec.name}: publish")
+        self._receive_outage = OutageLog(log, f"stream {spec.name}: receive")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then drain: finish what is in flight, up to
@@ -215,7 +220,7 @@ class StreamRunner:
                     await asyncio.wait_for(self._room.wait(), POLL_SECONDS)
                 continue
             room = limit - self.in_flight
-            batch = await self.source.receive(min(size, room), POLL_SECONDS)
+            batch = await self._receive(min(size, room), POLL_SECONDS)
             if not batch:
                 continue
             # a batch waits up to max_batch_delay after its first message for company
@@ -224,8 +229,22 @@ class StreamRunner:
                 left = leaves_at - loop.time()
                 if left <= 0:
                     break
-                batch.extend(await self.source.receive(min(size, room) - len(batch), left))
+                batch.extend(await self._receive(min(size, room) - len(batch), left))
             self._dispatch(batch)
+
+    async def _receive(self, count: int, timeout: float) -> list[Received]:
+        """What the source has, or [] while it is away (the client reconnects by itself;
+        the stream waits, it does not die of a broker restart)."""
+        try:
+            batch = await self.source.receive(count, timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # each client raises its own classes: waited out alike
+            self._receive_outage.failed(f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(min(max(timeout, 0.1), POLL_SECONDS))
+            return []
+        self._receive_outage.recovered()
+        return batch
 
     def _dispatch(self, batch: list[Received]) -> None:
         self.in_flight += len(batch)
