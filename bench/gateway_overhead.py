@@ -31,11 +31,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import shlex
 import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import grpc
@@ -50,6 +52,7 @@ from runtime_throughput import (  # noqa: E402  (a sibling script, not a package
     build_model,
     build_request,
     check_output,
+    drive,
     measure,
     print_errors,
     profile,
@@ -87,14 +90,77 @@ def runtime_server(etcd: str, args: argparse.Namespace, workdir: Path) -> Server
     return Server("direct", argv, port, workdir / "runtime.log", thread_env(args.torch_threads))
 
 
-def gateway_server(etcd: str, workdir: Path) -> Server:
+def gateway_server(etcd: str, workdir: Path, data_plane: str = "python") -> Server:
     port = free_port()
+    label = "gateway" if data_plane == "python" else "envoy-gw"
     argv = [
         sys.executable, "-m", "modelgw", "--log-level", "WARNING", "gateway", "--etcd", etcd, "--prefix", PREFIX,
         "--host", "127.0.0.1", "--grpc-port", str(port), "--http-port", str(free_port()),
         "--insecure-no-auth",  # the hop itself is measured; token checks would be extra
+        "--data-plane", data_plane,  # envoy: one Envoy worker, beside nginx's one worker
     ]
-    return Server("gateway", argv, port, workdir / "gateway.log", thread_env(1))
+    return Server(label, argv, port, workdir / f"{label}.log", thread_env(1))
+
+
+def plain_envoy_server(envoy: str, upstream_port: int, workdir: Path) -> Server:
+    """Envoy as a plain gRPC proxy in front of the runtime (one worker, no filters but the
+    router): what the envoy data plane's own filters (Lua, routing) add is told apart."""
+    import json
+
+    port = free_port()
+    http2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}},
+    }}
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "plain", "codec_type": "AUTO",
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
+                                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "runtime"}}]}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    config = {"static_resources": {
+        "listeners": [{"name": "grpc", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                       "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                                       "typed_config": hcm}]}]}],
+        "clusters": [{"name": "runtime", "type": "STATIC", "connect_timeout": "1s",
+                      "typed_extension_protocol_options": http2,
+                      "load_assignment": {"cluster_name": "runtime", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                          "address": {"socket_address": {"address": "127.0.0.1", "port_value": upstream_port}}}}]}]}}],
+    }}
+    path = workdir / "plain-envoy.json"
+    path.write_text(json.dumps(config))
+    argv = [envoy, "-c", str(path), "--concurrency", "1", "--disable-hot-restart", "--log-level", "warning"]
+    return Server("envoy", argv, port, workdir / "plain-envoy.log", thread_env(1))
+
+
+def cpu_seconds(group: int) -> float:
+    """utime + stime of every process in a process group (a gateway and its Envoy alike)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def cpu_per_request(targets: list[Server], payload: bytes, concurrency: int, requests: int) -> dict[str, float]:
+    """Microseconds of the proxy's CPU per proxied request (the runtime's not counted)."""
+    out = {}
+    for target in targets:
+        assert target.process is not None
+        before = cpu_seconds(target.process.pid)
+        _, _, errors = await drive(target.port, payload, concurrency, 600.0, requests)
+        out[target.label] = (cpu_seconds(target.process.pid) - before) / requests * 1e6
+        if errors:
+            print(f"  {target.label}: errors while measuring CPU: {dict(errors)}")
+    return out
 
 
 def bare_proxy_server(upstream_port: int, workdir: Path) -> Server:
@@ -177,6 +243,26 @@ def print_table(results: dict[tuple[str, int], Result], levels: list[int], label
     print("-" * len(header))
     for n in levels:
         line = " | ".join([f"{n:>4}"] + [cols(results.get((label, n))) for label in labels])
+        print(line)
+    print()
+    # every proxy against direct and against nginx
+    direct = {n: results.get(("direct", n)) for n in levels}
+    print(f"{'proxy':>9} {'conc':>4} {'added p50':>10} {'added p99':>10} {'x direct':>9} {'x nginx':>8}")
+    for label in [x for x in labels if x != "direct"]:
+        for n in levels:
+            r, d, ng = results.get((label, n)), direct[n], results.get(("nginx", n))
+            if not (r and r.requests and d and d.requests):
+                continue
+            vs_nginx = f"{r.rps / ng.rps:>7.2f}x" if ng and ng.requests else f"{'-':>8}"
+            print(f"{label:>9} {n:>4} {r.percentile_ms(50) - d.percentile_ms(50):>+8.3f}ms "
+                  f"{r.percentile_ms(99) - d.percentile_ms(99):>+8.3f}ms {r.rps / d.rps:>8.2f}x {vs_nginx}")
+    print()
+    header = " | ".join([f"{'conc':>4}"] + [f"{label + ' req/s':>13} {'p50 ms':>7} {'p99 ms':>7}" for label in labels])
+    header += f" | {'added p50':>9} {'added p99':>9} {'gw/direct':>9}"
+    print(header)
+    print("-" * len(header))
+    for n in levels:
+        line = " | ".join([f"{n:>4}"] + [cols(results.get((label, n))) for label in labels])
         direct, gateway, bare, nginx = (results.get((label, n)) for label in ("direct", "gateway", "bare", "nginx"))
         if direct and gateway and direct.requests and gateway.requests:
             added50 = gateway.percentile_ms(50) - direct.percentile_ms(50)
@@ -210,6 +296,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--torch-threads", type=int, default=1, help="torch intra-op threads of the runtime")
     add("--no-nginx", action="store_true", help="skip nginx even when it is installed")
     add("--no-bare", action="store_true", help="skip the bare grpc.aio proxy reference")
+    add("--no-envoy", action="store_true", help="skip the envoy data plane and plain Envoy (run when envoy is installed)")
+    add("--cpu-requests", type=int, default=10_000, help="requests per proxy for CPU per request at c=16 (0: skip)")
     add("--keep-logs", action="store_true", help="keep the temp dir with the logs")
     add("--profile-dir", type=Path, help="afterwards, py-spy the gateway at concurrency 16 into DIR")
     add("--serve-bare-proxy", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
@@ -230,8 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     nginx = None if args.no_nginx else shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None
     )
+    envoy = None
+    if not args.no_envoy:
+        from modelgw.gateway.envoy.config import EnvoyConfigError
+        from modelgw.gateway.envoy.supervisor import find_envoy
+
+        with contextlib.suppress(EnvoyConfigError):
+            envoy = find_envoy()
     print(f"command: {shlex.join([sys.executable, *sys.argv])}; grpcio {grpc.__version__}; "
-          f"nginx: {nginx or 'not installed (skipped)'}", flush=True)
+          f"nginx: {nginx or 'not installed (skipped)'}; envoy: {envoy or 'not installed (skipped)'}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="modelgw-gateway-bench-"))
     try:
         with contextlib.ExitStack() as stack:
@@ -242,17 +337,29 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(register(etcd.endpoint, model))
             runtime = runtime_server(etcd.endpoint, args, workdir)
             targets = [runtime, gateway_server(etcd.endpoint, workdir)]
+            if envoy:
+                targets.append(gateway_server(etcd.endpoint, workdir, "envoy"))
             if not args.no_bare:
                 targets.append(bare_proxy_server(runtime.port, workdir))
             if nginx:
                 targets.append(nginx_server(nginx, runtime.port, workdir))
+            if envoy:
+                targets.append(plain_envoy_server(envoy, runtime.port, workdir))
             for target in targets:
                 stack.callback(target.stop)
                 target.start()
             request = build_request(example)
             for target in targets:
                 target.wait_ready()  # the gateway: once it routes the model to the replica
-                check_output(target, request, expected)
+                # Envoy's routes follow the Python side's table within milliseconds
+                for attempt in range(50):
+                    try:
+                        check_output(target, request, expected)
+                        break
+                    except grpc.RpcError:
+                        if attempt == 49:
+                            raise
+                        time.sleep(0.1)
             print(
                 f"model: TorchScript MLP, batch 1, torch threads {args.torch_threads}; per target and level "
                 f"{args.warmup:g}s warm-up + {args.duration:g}s in {args.rounds} alternating rounds "
@@ -262,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
             results = asyncio.run(measure(targets, request.SerializeToString(), levels, args))
             print()
             print_table(results, levels, [t.label for t in targets])
+            if args.cpu_requests:
+                cpu = asyncio.run(cpu_per_request(targets[1:], request.SerializeToString(), 16, args.cpu_requests))
+                base = cpu.get("nginx")
+                print(f"\nCPU per proxied request at c=16 (utime+stime of the proxy's processes, {args.cpu_requests} requests):")
+                for label, micros in cpu.items():
+                    print(f"  {label:>9} {micros:7.0f} us" + (f"  ({micros / base:.2f}x nginx)" if base else ""))
             if args.profile_dir:
                 asyncio.run(profile(targets[1], request.SerializeToString(), 16, args))
     finally:

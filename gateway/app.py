@@ -23,12 +23,14 @@ from modelgw.errors import ErrorInterceptor
 from modelgw.gateway import metrics
 from modelgw.gateway.admin import AdminApi
 from modelgw.gateway.auth import AuthConfig, admin_guard, build_authenticator
+from modelgw.gateway.envoy.supervisor import EnvoyDataPlane
 from modelgw.gateway.grpc_frontend import InferenceFrontend
 from modelgw.gateway.http_server import HttpRunner
 from modelgw.gateway.openai import OpenAIApi
 from modelgw.gateway.proxy import Proxy, ProxyLimits
 from modelgw.gateway.rest_frontend import RestFrontend, make_app
 from modelgw.gateway.routing import RoutingTable
+from modelgw.gateway.triton import TritonExtensions
 from modelgw.gateway.upstream import UpstreamPool
 from modelgw.oip.protocol import MAX_MESSAGE_BYTES
 from modelgw.registry import service as registry_service
@@ -37,6 +39,10 @@ from modelgw.registry.store import RegistryStore
 from modelgw.registry.view import Change, RegistryView
 
 log = logging.getLogger(__name__)
+
+
+# the record kinds the routing table (and the tenant limiter's defaults) is built from
+ROUTING_SECTIONS = frozenset({Section.MODEL, Section.RUNTIME, Section.ENDPOINT, Section.GATEWAY_DEFAULTS})
 
 
 @dataclass
@@ -53,6 +59,11 @@ class GatewayConfig:
     # set explicitly (then every caller may use every model and the admin API)
     auth: AuthConfig = field(default_factory=AuthConfig)
     insecure_no_auth: bool = False
+    # LLM replicas picked by their load figures (False: by outstanding requests, as before)
+    llm_load_aware: bool = True
+    # "envoy": an Envoy process owns the public ports and serves ModelInfer (gateway/envoy)
+    data_plane: str = "python"
+    envoy_workers: int = 1
 
 
 class Gateway:
@@ -60,9 +71,11 @@ class Gateway:
         self.config = config
         self.store = RegistryStore(config.etcd, prefix=config.prefix)
         self.view = RegistryView(self.store)
-        self.table = RoutingTable()
+        self.table = RoutingTable(load_aware=config.llm_load_aware)
         self.pool = UpstreamPool(config.max_message_bytes)
         self.proxy = Proxy(self.table, self.pool, config.limits)
+        # Triton's statistics and model repository extensions (the registry is the repository)
+        self.triton = TritonExtensions(self.proxy, self.store, lambda: self.view.snapshot.models)
         self.auth = build_authenticator(config.auth, self.table, insecure=config.insecure_no_auth)
         self.health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
@@ -71,6 +84,9 @@ class Gateway:
         self.http_port = 0
         self._unsubscribe = None
         self._draining = False
+        self.envoy: EnvoyDataPlane | None = None
+        if config.data_plane == "envoy":  # takes the public ports; the listeners below move to loopback
+            self.envoy = EnvoyDataPlane(self, config.envoy_workers)
 
     def is_ready(self) -> bool:
         """Ready once the registry has been read at least once; stays ready when etcd
@@ -78,14 +94,23 @@ class Gateway:
         return self.view.synced.is_set() and not self._draining
 
     def _on_registry_change(self, changes: list[Change] | None = None) -> None:
+        if changes is not None:
+            # jobs, streams and every status (progress reports several times a second) do not route
+            changes = [c for c in changes if c.section in ROUTING_SECTIONS]
+            if not changes:
+                return
         if changes is not None and not any(
             c.section != Section.ENDPOINT or RoutingTable.affects_routing(c.old, c.new) for c in changes
         ):
-            return  # only load figures moved
+            # only load figures moved: the replicas take them (LLM replica choice)
+            self.table.report_loads((c.name, c.new) for c in changes if c.new is not None)
+            return
         snapshot = self.view.snapshot
         # the deleted records as they last were (routing.py: which replicas stay routed)
         deleted = {c.name: c.old for c in changes or () if c.section == Section.ENDPOINT and c.new is None}
-        self.table.update(snapshot.models.values(), snapshot.endpoints, deleted)
+        self.table.update(snapshot.models.values(), snapshot.endpoints, deleted, runtimes=snapshot.runtimes)
+        self.proxy.limiter.set_defaults(snapshot.gateway_defaults)
+        self.proxy.forget_replicas()
         self.pool.retain(replica.address for replica in self.table.replicas.values())  # orphans too
         metrics.ROUTES.set(len(self.table.routes))
         metrics.REPLICAS.set(len(self.table.replicas))
@@ -107,7 +132,10 @@ class Gateway:
                 ("grpc.absolute_max_metadata_size", self.config.auth.max_header_bytes),
             ]
         )
-        server.add_generic_rpc_handlers((InferenceFrontend(self.proxy, self.is_ready, self.auth.authorize_grpc).generic_handler(),))
+        frontend = InferenceFrontend(
+            self.proxy, self.is_ready, self.auth.authorize_grpc, self.triton, self.auth.authorize_admin_grpc
+        )
+        server.add_generic_rpc_handlers((frontend.generic_handler(),))
         registry_service.add_to_server(server, self.store)  # behind admin_guard: needs the admin scope
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         return server
@@ -127,7 +155,9 @@ class Gateway:
         await self._grpc.start()
 
         app = make_app(self.config.max_message_bytes)
-        RestFrontend(self.proxy, self.is_ready, self.auth.authorize_rest).add_routes(app)
+        RestFrontend(
+            self.proxy, self.is_ready, self.auth.authorize_rest, self.triton, self.auth.authorize_admin_rest
+        ).add_routes(app)
         AdminApi(self.store, self.auth.authorize_admin_rest).add_routes(app)
         OpenAIApi(self.proxy, lambda: self.view.runtimes, self.auth.authorize_rest).add_routes(app)  # /v1
         self._http = HttpRunner(
@@ -138,6 +168,8 @@ class Gateway:
         site = web.TCPSite(self._http, self.config.host, self.config.http_port, reuse_port=False)
         await site.start()
         self.http_port = self._http.addresses[0][1]  # the real port when 0 was asked
+        if self.envoy is not None:
+            await self.envoy.start()  # the ports below are Envoy's from here on
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "gateway listening: gRPC %s:%d, HTTP %s:%d; registry etcd %s prefix %s",
@@ -152,6 +184,8 @@ class Gateway:
         to `grace`, default config.drain_seconds), then close."""
         grace = self.config.drain_seconds if grace is None else grace
         self._draining = True
+        if self.envoy is not None:  # first: requests through Envoy need the Python side
+            await self.envoy.stop(grace)
         await self.health.enter_graceful_shutdown()
         stops = []
         if self._grpc is not None:

@@ -29,6 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-in-flight", type=int, default=4096,
                    help="requests in flight across the gateway before 429 / RESOURCE_EXHAUSTED")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="on SIGTERM, how long in-flight requests may take to finish")
+    p.add_argument("--llm-replica-choice", choices=("load", "outstanding"), default="load",
+                   help="LLM models: pick replicas by their reported load (queue, running, KV cache) and this "
+                   "gateway's counts, or by outstanding requests alone (default %(default)s)")
+    p.add_argument("--data-plane", choices=("python", "envoy"), default="python",
+                   help="who serves gRPC inference: this process, or an Envoy it starts and programs "
+                   "(modelgw[envoy]; README: choosing a data plane) (default %(default)s)")
+    p.add_argument("--envoy-workers", type=int, default=1, help="Envoy worker threads (--data-plane envoy)")
     add_gateway_arguments(p)
     p.set_defaults(func=run)
 
@@ -43,6 +50,15 @@ def run(args: argparse.Namespace) -> int:
     except AuthConfigError as err:
         print(f"modelgw gateway: error: {err}", file=sys.stderr)
         return 2
+    if args.data_plane == "envoy":
+        from modelgw.gateway.envoy.config import EnvoyConfigError
+        from modelgw.gateway.envoy.supervisor import find_envoy
+
+        try:
+            find_envoy()
+        except EnvoyConfigError as err:
+            print(f"modelgw gateway: error: {err}", file=sys.stderr)
+            return 2
 
     config = GatewayConfig(
         etcd=args.etcd,
@@ -55,5 +71,8 @@ def run(args: argparse.Namespace) -> int:
         limits=ProxyLimits(max_in_flight=args.max_in_flight),
         auth=auth,
         insecure_no_auth=args.insecure_no_auth,
+        llm_load_aware=args.llm_replica_choice == "load",
+        data_plane=args.data_plane,
+        envoy_workers=args.envoy_workers,
     )
     return asyncio.run(run_gateway(config))

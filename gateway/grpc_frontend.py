@@ -1,16 +1,20 @@
 """The gateway's gRPC frontend: inference.GRPCInferenceService, forwarding by bytes.
 
-ServerLive, ServerReady and ServerMetadata are answered here. ModelMetadata, ModelReady,
-ModelInfer and ModelStreamInfer are routed to a runtime replica without being decoded:
-the routing fields are read off the wire (gateway/wire.py) and the bytes forwarded.
+ServerLive, ServerReady and ServerMetadata are answered here. ModelMetadata, ModelConfig,
+ModelReady, ModelInfer and ModelStreamInfer are routed to a runtime replica without being
+decoded: the routing fields are read off the wire (gateway/wire.py) and the bytes forwarded.
+ModelStatistics (summed over replicas), RepositoryIndex and RepositoryModelLoad/Unload
+(admin callers; the registry is the repository) are Triton's extensions (gateway/triton.py);
+the shared memory RPCs answer UNIMPLEMENTED, saying why.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -19,6 +23,7 @@ from modelgw import __version__
 from modelgw.gateway.errors import GatewayError
 from modelgw.gateway.forwarding import grpc_timeout, outbound_metadata
 from modelgw.gateway.proxy import Admission, Proxy
+from modelgw.gateway.triton import SHARED_MEMORY_MESSAGE, TritonExtensions, allowed
 from modelgw.gateway.wire import WireError, routing_fields, with_version
 from modelgw.oip.protocol import EXTENSIONS, SESSION_HEADER
 from modelgw.protos import inference_pb2 as pb
@@ -29,15 +34,31 @@ SERVICE_NAME = "inference.GRPCInferenceService"
 
 # (context, model name) -> the verified subject, raising GatewayError when refused
 Authorizer = Callable[[grpc.aio.ServicerContext, str], "asyncio.Future[str | None] | str | None"]
+# (context, method) -> None, raising GatewayError when the caller is no admin
+AdminAuthorizer = Callable[[grpc.aio.ServicerContext, str], Awaitable[None]]
+
+SHARED_MEMORY_METHODS = (
+    "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
+    "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister",
+)
 
 
 class InferenceFrontend:
     """Handlers for inference.GRPCInferenceService on the gateway's gRPC server."""
 
-    def __init__(self, proxy: Proxy, is_ready: Callable[[], bool], authorize: Authorizer | None = None) -> None:
+    def __init__(
+        self,
+        proxy: Proxy,
+        is_ready: Callable[[], bool],
+        authorize: Authorizer | None = None,
+        triton: TritonExtensions | None = None,
+        authorize_admin: AdminAuthorizer | None = None,
+    ) -> None:
         self.proxy = proxy
         self.is_ready = is_ready
         self.authorize = authorize
+        self.triton = triton
+        self.authorize_admin = authorize_admin
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         raw = dict(request_deserializer=None, response_serializer=None)
@@ -63,8 +84,32 @@ class InferenceFrontend:
                 "ModelMetadata": grpc.unary_unary_rpc_method_handler(self.model_metadata, **raw),
                 "ModelInfer": grpc.unary_unary_rpc_method_handler(self.model_infer, **raw),
                 "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self.model_stream_infer, **raw),
+                "ModelConfig": grpc.unary_unary_rpc_method_handler(self.model_config, **raw),
+                **self._extension_handlers(),
+                **{
+                    name: grpc.unary_unary_rpc_method_handler(self.shared_memory, **raw)
+                    for name in SHARED_MEMORY_METHODS
+                },
             },
         )
+
+    def _extension_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        if self.triton is None:
+            return {}
+        handlers = {
+            "ModelStatistics": (self.model_statistics, pb.ModelStatisticsRequest, pb.ModelStatisticsResponse),
+            "RepositoryIndex": (self.repository_index, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
+            "RepositoryModelLoad": (self.repository_load, pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse),
+            "RepositoryModelUnload": (
+                self.repository_unload, pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse
+            ),
+        }
+        return {
+            name: grpc.unary_unary_rpc_method_handler(
+                handler, request_deserializer=request.FromString, response_serializer=response.SerializeToString
+            )
+            for name, (handler, request, response) in handlers.items()
+        }
 
     # -- answered by the gateway ---------------------------------------------------------
 
@@ -93,12 +138,7 @@ class InferenceFrontend:
             raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, "the request names no model (field model_name/name is empty)")
         incoming = context.invocation_metadata() or ()
         sticky = next((v for k, v in incoming if k == SESSION_HEADER and isinstance(v, str)), None)
-        subject = None
-        if self.authorize is not None:
-            subject = self.authorize(context, model)
-            if asyncio.iscoroutine(subject):
-                subject = await subject
-        metadata, _ = outbound_metadata(incoming, subject)
+        metadata, _ = outbound_metadata(incoming, await self._subject(context, model))
         return model, version, metadata, sticky
 
     async def _forward(self, method: str, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -120,6 +160,73 @@ class InferenceFrontend:
 
     async def model_metadata(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return await self._forward("model_metadata", payload, context)
+
+    async def model_config(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await self._forward("model_config", payload, context)
+
+    async def shared_memory(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise GatewayError(grpc.StatusCode.UNIMPLEMENTED, SHARED_MEMORY_MESSAGE)
+
+    # -- Triton's extensions (gateway/triton.py) ----------------------------------------------
+
+    async def _subject(self, context: grpc.aio.ServicerContext, model: str) -> str | None:
+        if self.authorize is None:
+            return None
+        subject = self.authorize(context, model)
+        if inspect.isawaitable(subject):
+            return await subject
+        return subject
+
+    async def _may_see(self, context: grpc.aio.ServicerContext, model: str) -> bool:
+        """Whether the caller may use `model` (lists leave out the others)."""
+        return await allowed(self._subject(context, model))
+
+    def _extensions(self) -> TritonExtensions:
+        if self.triton is None:  # not registered then; never reached
+            raise GatewayError(grpc.StatusCode.UNIMPLEMENTED, "this gateway serves no Triton extensions")
+        return self.triton
+
+    async def model_statistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        subject = await self._subject(context, request.name) if request.name else None
+        metadata, _ = outbound_metadata(context.invocation_metadata() or (), subject)
+        return await self._extensions().statistics(
+            request.name, request.version, metadata=metadata, timeout=grpc_timeout(context),
+            may_see=lambda model: self._may_see(context, model),
+        )
+
+    async def repository_index(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        index = self._extensions().index(request.ready)
+        visible = {m.name for m in index.models}
+        hidden = {name for name in visible if not await self._may_see(context, name)}
+        if hidden:
+            kept = [m for m in index.models if m.name not in hidden]
+            del index.models[:]
+            index.models.extend(kept)
+        return index
+
+    async def _admin(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        if self.authorize_admin is not None:
+            await self.authorize_admin(context, method)
+
+    async def repository_load(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        await self._admin(context, "RepositoryModelLoad")
+        parameters = {k: getattr(v, v.WhichOneof("parameter_choice") or "string_param") for k, v in request.parameters.items()}
+        metadata, _ = outbound_metadata(context.invocation_metadata() or (), None)
+        await self._extensions().load(request.model_name, parameters, metadata=metadata, timeout=grpc_timeout(context))
+        return pb.RepositoryModelLoadResponse()
+
+    async def repository_unload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self._admin(context, "RepositoryModelUnload")
+        await self._extensions().unload(request.model_name, timeout=grpc_timeout(context))
+        return pb.RepositoryModelUnloadResponse()
 
     async def model_ready(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
@@ -157,6 +264,7 @@ class InferenceFrontend:
         async def read_upstream(stream: Admission) -> None:
             try:
                 async for response in stream.call:
+                    stream.response_received(response)  # LLM: usage, token timings, counts
                     await out.put(response)
             except grpc.aio.AioRpcError as err:
                 stream.status = err.code().name
@@ -194,6 +302,7 @@ class InferenceFrontend:
                     try:
                         model, version, metadata, sticky = await self._prepare(payload, context)
                         stream = upstream_for(model, version, metadata, sticky)
+                        stream.request_sent(request_id)  # LLM: counted on the replica, per-tenant limits
                         await stream.call.write(payload if version else with_version(payload, stream.version))
                     except GatewayError as err:
                         await error(f"{err.code.name}: {err.message}", request_id)

@@ -36,3 +36,27 @@ REGISTRY_FULL_READS = Gauge(
     "reconnect or compaction", registry=REGISTRY,
 )
 REGISTRY_REVISION = Gauge("modelgw_registry_revision", "etcd revision the routing table reflects", registry=REGISTRY)
+
+# LLM traffic (models served by runtimes of kind `llm`), from the runtimes' own usage
+# figures and the gateway's clock: observed by the proxy's Admission (gateway/proxy.py)
+LLM_PROMPT_TOKENS = Counter(
+    "modelgw_llm_prompt_tokens_total", "Prompt tokens of LLM requests, as the runtime counted them", ("model",),
+    registry=REGISTRY,
+)
+LLM_COMPLETION_TOKENS = Counter(
+    "modelgw_llm_completion_tokens_total", "Generated tokens of LLM requests, as the runtime counted them", ("model",),
+    registry=REGISTRY,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "modelgw_llm_time_to_first_token_seconds", "Streamed LLM requests: from admission to the first token's response",
+    ("model",), buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 30), registry=REGISTRY,
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "modelgw_llm_inter_token_latency_seconds",
+    "Streamed LLM requests: time between responses, per token they carry", ("model",),
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=REGISTRY,
+)
+LLM_REPLICA_PICKS = Counter(
+    "modelgw_llm_replica_picks_total", "LLM requests and streams sent to each replica (by its load figures)",
+    ("runtime", "instance"), registry=REGISTRY,
+)

@@ -2,16 +2,24 @@
 replica choice and forwarding, for unary calls and streams alike.
 
 Every request shape goes through one admission path, an `Admission`: admitted against the
-in-flight caps (the gateway's and the model's), a replica picked by the routing table
-(traffic split, then power of two choices on `replica.outstanding`), counted in that
-replica's outstanding requests while it runs, recorded once in the request metrics and
-released however it ends (an answer, an error, a cancel):
+in-flight caps (the gateway's and the model's) and the caller's per-tenant limits
+(gateway/limits.py), a replica picked by the routing table (traffic split, then power of
+two choices on `replica.outstanding`, or for an LLM the replicas' load figures), counted
+in that replica's outstanding requests while it runs, recorded once in the request
+metrics and released however it ends (an answer, an error, a cancel):
 
     answer = await proxy.unary("model_infer", payload, model, version, metadata=..., protocol="rest")
 
     with proxy.stream(model, version, metadata=..., timeout=..., protocol="openai") as stream:
+        stream.request_sent(request_id)         # each request on it (LLM: counted, limited)
         await stream.call.write(message)        # a ModelStreamInfer call to the replica
+        stream.response_received(raw)           # each response (LLM: usage, TTFT, counts)
         ...                                     # stream.status = "..." for an outcome that is no exception
+
+An LLM stream counts on its replica as many outstanding requests as it has unanswered
+(at least one while open), so that a gRPC stream carrying many generations weighs as
+much as they do; each generation's final response carries the runtime's usage, which is
+counted in the token metrics and debited to the tenant's token bucket.
 
 A unary request is sent over a pooled channel as the bytes it is, and retried on another
 replica when the chosen one was unreachable before it answered; retries draw on a budget
@@ -35,9 +43,11 @@ from prometheus_client import Counter, Gauge, Histogram
 from modelgw.gateway import metrics
 from modelgw.gateway.errors import GatewayError
 from modelgw.gateway.forwarding import request_timeout
+from modelgw.gateway.limits import CALLER_CLAIMS, TenantLimiter, Ticket
 from modelgw.gateway.routing import ModelRoute, Replica, RoutingTable
 from modelgw.gateway.upstream import UpstreamPool
 from modelgw.gateway.wire import with_version
+from modelgw.oip.protocol import FINAL_RESPONSE
 from modelgw.protos import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -57,6 +67,7 @@ REQUEST_TYPES = {
     "model_infer": pb.ModelInferRequest,
     "model_metadata": pb.ModelMetadataRequest,
     "model_ready": pb.ModelReadyRequest,
+    "model_config": pb.ModelConfigRequest,
 }
 
 
@@ -107,6 +118,33 @@ class RetryBudget:
         return False
 
 
+class Generation:
+    """One LLM request on a stream, from its write to its final response."""
+
+    __slots__ = ("completion_tokens", "last", "prompt_tokens", "started")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.last: float | None = None  # when its last tokens came (perf_counter)
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+
+def _usage_of(response: pb.ModelInferResponse) -> tuple[int, int, bool, int]:
+    """(prompt tokens, completion tokens, final, tokens in this response) of an LLM
+    runtime's response (runtimes/llm/CONTRACT.md); usage 0 where it says none."""
+    params = response.parameters
+    prompt = params["prompt_tokens"].int64_param if "prompt_tokens" in params else 0
+    completion = params["completion_tokens"].int64_param if "completion_tokens" in params else 0
+    final = params[FINAL_RESPONSE].bool_param if FINAL_RESPONSE in params else False
+    tokens = 0
+    for output in response.outputs:
+        if output.name == "token_ids":
+            tokens = output.shape[0] if output.shape else 0
+            break
+    return prompt, completion, final, tokens
+
+
 class Admission:
     """One admitted request, from admission to release: a unary call, or one upstream
     ModelStreamInfer stream (`call`). A context manager: leaving it releases the request
@@ -116,7 +154,10 @@ class Admission:
     split chose; `status` is the request's outcome for the metrics, "OK" unless set (a
     stream's frontend sets it for an error it answers without raising)."""
 
-    __slots__ = ("_call", "_open", "_proxy", "model", "protocol", "replica", "route", "runtime", "started", "status", "version")
+    __slots__ = (
+        "_call", "_counted", "_generations", "_open", "_pending", "_proxy", "_sent", "llm", "model", "protocol",
+        "replica", "route", "runtime", "started", "status", "ticket", "version",
+    )
 
     def __init__(self, proxy: Proxy, route: ModelRoute, model: str, version: str, protocol: str) -> None:
         self._proxy = proxy
@@ -130,6 +171,12 @@ class Admission:
         self.replica: Replica | None = None
         self._call: grpc.aio.StreamStreamCall | None = None  # streams only
         self._open = True
+        self.ticket: Ticket | None = None  # the tenant's buckets, when a per-tenant limit applies
+        self.llm = False  # the chosen version is served by an LLM runtime (set by pick)
+        self._counted = 0  # what this admission adds to its replica's outstanding requests
+        self._pending = 0  # LLM streams: requests written and not finished
+        self._sent = 0
+        self._generations: dict[str, Generation] = {}
 
     @property
     def call(self) -> grpc.aio.StreamStreamCall:
@@ -152,11 +199,95 @@ class Admission:
         GatewayError NOT_FOUND / UNAVAILABLE when there is none."""
         self.version, replica = self._proxy.table.pick(self.model, self.version, sticky_key, exclude)
         if self.replica is not None:
-            self.replica.outstanding -= 1
-        replica.outstanding += 1
+            self.replica.outstanding -= self._counted
+        self._counted = self._pending or 1
+        replica.outstanding += self._counted
         self.replica = replica
         self.runtime = replica.runtime
+        if self.version in self.route.llm_versions:
+            self.llm = True
+            self._proxy._count_pick(replica)
         return replica
+
+    # -- LLM accounting (streams: per request on them; unary: the answer's usage) ---------
+
+    def _recount(self) -> None:
+        """Keep the replica's outstanding count at this stream's unanswered requests."""
+        want = max(1, self._pending)
+        if self.replica is not None and want != self._counted:
+            self.replica.outstanding += want - self._counted
+            self._counted = want
+
+    def request_sent(self, request_id: str = "") -> None:
+        """A request is about to be written on this stream: an LLM stream counts it on its
+        replica, and charges it to the tenant's limits unless it is the stream's first
+        (admission charged that one). RateLimited when the tenant is over its limit."""
+        if not self.llm:
+            return
+        if self._sent and self.ticket is not None:
+            self._proxy.limiter.check(self.ticket, self.route.spec)
+        self._sent += 1
+        self._pending += 1
+        self._generations[request_id] = Generation(time.perf_counter())
+        self._recount()
+
+    def response_received(self, raw: bytes) -> None:
+        """A ModelStreamInferResponse as the replica sent it (LLM streams are parsed here:
+        usage, TTFT, inter-token latency, the end of a request)."""
+        if not self.llm:
+            return
+        try:
+            response = pb.ModelStreamInferResponse.FromString(raw)
+        except DecodeError:
+            return  # the client gets it as it is; nothing to count
+        infer = response.infer_response
+        if response.error_message:
+            self.generation_piece(infer.id, 0, True, 0, 0)
+            return
+        prompt, completion, final, tokens = _usage_of(infer)
+        self.generation_piece(infer.id, tokens, final, prompt, completion)
+
+    def generation_piece(self, request_id: str, tokens: int, final: bool, prompt_tokens: int, completion_tokens: int) -> None:
+        """A response of the LLM request `request_id` on this stream: `tokens` new tokens;
+        its usage when the runtime reported it (0 when not); `final`: its last one."""
+        generation = self._generations.get(request_id)
+        if generation is None:
+            if len(self._generations) != 1:
+                return  # a request this stream did not see sent (or ids reused): not counted
+            generation = next(iter(self._generations.values()))
+        now = time.perf_counter()
+        if tokens:
+            series = self._proxy._llm_series(self.model)
+            if generation.last is None:
+                series[0].observe(now - generation.started)
+            else:
+                series[1].observe((now - generation.last) / tokens)
+            generation.last = now
+        if completion_tokens or prompt_tokens:
+            # with triton_enable_empty_final_response the last two responses both carry it
+            generation.prompt_tokens, generation.completion_tokens = prompt_tokens, completion_tokens
+        if final:
+            self._generations = {k: g for k, g in self._generations.items() if g is not generation}
+            self._pending = max(0, self._pending - 1)
+            self._recount()
+            self._usage(generation.prompt_tokens, generation.completion_tokens)
+
+    def _usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """A finished LLM request's usage: into the token metrics and the tenant's bucket."""
+        if prompt_tokens or completion_tokens:
+            series = self._proxy._llm_series(self.model)
+            series[2].inc(prompt_tokens)
+            series[3].inc(completion_tokens)
+        if self.ticket is not None:
+            self.ticket.debit_tokens(prompt_tokens + completion_tokens)
+
+    def unary_answer(self, raw: bytes) -> None:
+        """An LLM's whole answer (ModelInfer): its usage."""
+        try:
+            prompt, completion, _, _ = _usage_of(pb.ModelInferResponse.FromString(raw))
+        except DecodeError:
+            return
+        self._usage(prompt, completion)
 
     def release(self, error: BaseException | None = None) -> None:
         """End the request: cancel its upstream call if it still runs (the runtime then
@@ -171,15 +302,20 @@ class Admission:
         if self._call is not None:
             self._call.cancel()  # a no-op once the call is done
         if self.replica is not None:
-            self.replica.outstanding -= 1
+            self.replica.outstanding -= self._counted
+            self._counted = 0
         self._proxy._release(self, time.perf_counter() - self.started)
 
 
 class Proxy:
-    def __init__(self, table: RoutingTable, pool: UpstreamPool, limits: ProxyLimits | None = None) -> None:
+    def __init__(
+        self, table: RoutingTable, pool: UpstreamPool, limits: ProxyLimits | None = None,
+        limiter: TenantLimiter | None = None,
+    ) -> None:
         self.table = table
         self.pool = pool
         self.limits = limits or ProxyLimits()
+        self.limiter = limiter or TenantLimiter()
         self.budget = RetryBudget(self.limits.retry_ratio, self.limits.min_retries_per_second)
         self.in_flight = 0
         self.in_flight_by_model: dict[str, int] = {}
@@ -187,6 +323,38 @@ class Proxy:
         # every call (about 10 us per request for our four series); these are dict hits
         self._in_flight_gauges: dict[str, Gauge] = {}
         self._request_series: dict[tuple[str, ...], tuple[Counter, Histogram]] = {}
+        # model -> (TTFT, inter-token latency, prompt tokens, completion tokens)
+        self._llm: dict[str, tuple[Histogram, Histogram, Counter, Counter]] = {}
+        self._picks: dict[str, Counter] = {}  # endpoint key -> its LLM picks counter
+
+    def _llm_series(self, model: str) -> tuple[Histogram, Histogram, Counter, Counter]:
+        series = self._llm.get(model)
+        if series is None:
+            series = self._llm[model] = (
+                metrics.TIME_TO_FIRST_TOKEN.labels(model), metrics.INTER_TOKEN_LATENCY.labels(model),
+                metrics.LLM_PROMPT_TOKENS.labels(model), metrics.LLM_COMPLETION_TOKENS.labels(model),
+            )
+        return series
+
+    def _count_pick(self, replica: Replica) -> None:
+        counter = self._picks.get(replica.key)
+        if counter is None:
+            if len(self._picks) > 4 * len(self.table.replicas) + 16:
+                self.forget_replicas()
+            counter = self._picks[replica.key] = metrics.LLM_REPLICA_PICKS.labels(
+                replica.runtime, replica.key.partition("/")[2]
+            )
+        counter.inc()
+
+    def forget_replicas(self) -> None:
+        """Drop the picks series of replicas no longer in the table (bounded cardinality)."""
+        for key in [k for k in self._picks if k not in self.table.replicas]:
+            del self._picks[key]
+            runtime, _, instance = key.partition("/")
+            try:
+                metrics.LLM_REPLICA_PICKS.remove(runtime, instance)
+            except KeyError:
+                pass
 
     # -- admission -----------------------------------------------------------------------
 
@@ -206,13 +374,19 @@ class Proxy:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"model '{model}' is at its limit of {cap} requests in flight; retry later",
             )
+        # the caller's per-tenant limits: RateLimited (429) when over; None when none apply
+        ticket = None
+        if route.per_tenant or self.limiter.defaults is not None:
+            ticket = self.limiter.admit(model, route.spec, CALLER_CLAIMS.get())
         self.in_flight += 1
         self.in_flight_by_model[model] = current + 1
         gauge = self._in_flight_gauges.get(model)
         if gauge is None:
             gauge = self._in_flight_gauges[model] = metrics.IN_FLIGHT.labels(model)
         gauge.inc()
-        return Admission(self, route, model, version, protocol)
+        admission = Admission(self, route, model, version, protocol)
+        admission.ticket = ticket
+        return admission
 
     def _release(self, admission: Admission, seconds: float) -> None:
         """Admission.release's part here: the in-flight counts and the request metrics."""
@@ -277,6 +451,8 @@ class Proxy:
                             continue
                     raise GatewayError(code, err.details() or code.name) from None
                 replica.succeeded()
+                if admission.llm:
+                    admission.unary_answer(response)
                 return response
 
     # -- streams -------------------------------------------------------------------------

@@ -1,9 +1,19 @@
 """The routing table: model name -> versions, traffic split and ready replicas.
 
-Rebuilt from registry snapshots (models and endpoints) whenever the watch cache says
-something changed; requests only read it. Picking a replica is a dict lookup, a weighted
-version choice and a power-of-two-choices draw on outstanding requests, all without
-awaiting anything.
+Rebuilt from registry snapshots (models, runtimes and endpoints) whenever the watch cache
+says something changed; requests only read it. Picking a replica is a dict lookup, a
+weighted version choice and a power-of-two-choices draw on outstanding requests, all
+without awaiting anything.
+
+Versions served by an LLM runtime (kind `llm`) are picked by load instead (`llm_load`): a
+stream holds a replica for seconds and a share of its KV cache, so the replicas' own
+figures (queue depth, running sequences, KV-cache use; in their endpoint records, which
+the watch brings within about a second: `report_load`) count, together with what this
+gateway sent since (its outstanding requests then and now). A replica with a queue or a
+nearly full cache is saturated: it gets new work only when every replica is. A replica
+whose busy figures are older than `stale_after` (its record is rewritten every second
+while it is busy, runtimes.registration) is judged by this gateway's counts alone, as
+every replica was before.
 
 A replica whose endpoint key disappears is not always gone. When etcd was unreachable
 for longer than the endpoint lease TTL, it deletes the records of every replica on its
@@ -35,6 +45,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from modelgw.errors import unknown_model_message, unknown_version_message
 from modelgw.gateway.errors import GatewayError
 from modelgw.protos import registry_pb2 as rpb
 
@@ -55,6 +66,17 @@ class Replica:
     # set while the replica's record is gone but it is still routed to (see the module
     # docstring): called on its first failure, to drop it
     on_orphan_failure: Callable[[Replica], None] | None = None
+    # the load figures its record last carried, when the gateway received them
+    # (time.monotonic()) and this gateway's outstanding requests to it at that moment
+    load: rpb.LoadFigures | None = None
+    load_seen: float = float("-inf")
+    load_outstanding: int = 0
+
+    def report_load(self, load: rpb.LoadFigures, now: float) -> None:
+        """The figures of a record just received (an LLM replica's: queue, running, KV use)."""
+        self.load = load
+        self.load_seen = now
+        self.load_outstanding = self.outstanding
 
     def available(self, now: float) -> bool:
         return self.ejected_until <= now
@@ -84,6 +106,30 @@ class Replica:
             self.ejected_until = 0.0
 
 
+# a replica whose KV cache is this full is saturated: its next sequence would likely queue
+SATURATED_KV_USAGE = 0.95
+LLM_KIND = "llm"
+
+
+def llm_load(replica: Replica, now: float, stale_after: float) -> tuple[bool, float]:
+    """(saturated, estimated load) of an LLM replica; the least is picked.
+
+    Fresh figures: the sequences it runs and queues, plus the requests this gateway sent it
+    since the figures were taken (they are not in them yet; other gateways' are), never
+    less than this gateway's own outstanding count; the KV-cache use breaks ties. A
+    replica with requests waiting, or its cache nearly full, is saturated. Stale busy
+    figures (its record stopped being rewritten; runtimes rewrite it every second while
+    busy) or none: this gateway's outstanding count only. An idle replica's figures are
+    not rewritten while they stay zero, so old zero figures mean idle, not stale."""
+    load = replica.load
+    if load is None or ((load.running or load.queue_depth) and now - replica.load_seen > stale_after):
+        return False, float(replica.outstanding)
+    sent_since = replica.outstanding - replica.load_outstanding
+    estimate = max(float(replica.outstanding), load.running + load.queue_depth + max(0, sent_since))
+    saturated = load.queue_depth > 0 or load.kv_cache_usage >= SATURATED_KV_USAGE
+    return saturated, estimate + load.kv_cache_usage
+
+
 @dataclass
 class ModelRoute:
     spec: rpb.ModelSpec
@@ -93,14 +139,23 @@ class ModelRoute:
     threshold_versions: list[str]
     replicas: dict[str, list[Replica]] = field(default_factory=dict)
     runtimes: dict[str, str] = field(default_factory=dict)  # version -> runtime
+    llm_versions: frozenset[str] = frozenset()  # versions served by an LLM runtime: picked by load
+    per_tenant: bool = False  # the spec declares per-tenant limits (gateway/limits.py)
+
+    @property
+    def llm(self) -> bool:
+        """Whether any version of the model is served by an LLM runtime."""
+        return bool(self.llm_versions)
 
     def choose_version(self, requested: str, sticky_key: str | None) -> str:
         if requested:
             if requested not in self.runtimes:
                 raise GatewayError(
                     grpc.StatusCode.NOT_FOUND,
-                    f"model '{self.spec.name}' has no version '{requested}'; "
-                    f"versions: {', '.join(self.versions)}",
+                    unknown_version_message(
+                        self.spec.name, requested,
+                        f"model '{self.spec.name}' has no version '{requested}'; versions: {', '.join(self.versions)}",
+                    ),
                 )
             return requested
         if sticky_key is not None:
@@ -134,20 +189,29 @@ def build_route(spec: rpb.ModelSpec) -> ModelRoute | None:
         thresholds=thresholds,
         threshold_versions=chosen,
         runtimes={v.version: v.runtime for v in spec.versions},
+        per_tenant=spec.limits.HasField("per_tenant"),
     )
 
 
 class RoutingTable:
     """Models and replicas, rebuilt on registry changes, read by every request."""
 
-    def __init__(self, orphan_grace: float = 10.0) -> None:
+    def __init__(self, orphan_grace: float = 10.0, load_aware: bool = True, stale_after: float = 2.0) -> None:
         self.routes: dict[str, ModelRoute] = {}
         # endpoint key -> replica (kept across rebuilds), orphans included
         self.replicas: dict[str, Replica] = {}
         # how long a replica that answers is still routed to after its record vanished:
         # well over the ~1 s its re-registration takes after an etcd outage
         self.orphan_grace = orphan_grace
+        # LLM versions: pick by the replicas' load figures (False: by outstanding
+        # requests, as every other model; bench/llm_routing.py compares the two)
+        self.load_aware = load_aware
+        # how old a busy replica's figures may be before only counts are trusted: two of
+        # its rewrite intervals (1 s) while busy
+        self.stale_after = stale_after
         self._models: dict[str, rpb.ModelSpec] = {}
+        self._kinds: dict[str, str] = {}  # runtime name -> kind
+        self._load_records: dict[str, rpb.Endpoint] = {}  # endpoint key -> record its figures came from
         self._endpoints: dict[str, rpb.Endpoint] = {}
         # endpoint key -> (its last record, time.monotonic() its grace ends)
         self._orphans: dict[str, tuple[rpb.Endpoint, float]] = {}
@@ -157,9 +221,9 @@ class RoutingTable:
 
     @staticmethod
     def affects_routing(old: rpb.Endpoint | None, new: rpb.Endpoint | None) -> bool:
-        """Whether an endpoint change matters to routing. Replicas rewrite their record as
-        their load figures move (about once a second under load); the table does not
-        route on those (outstanding requests are counted here), so it is not rebuilt."""
+        """Whether an endpoint change needs the table rebuilt. Replicas rewrite their record
+        as their load figures move (about once a second under load); those are taken by
+        report_loads() without a rebuild."""
         if old is None or new is None:
             return True
         return (
@@ -169,18 +233,32 @@ class RoutingTable:
             or list(old.models) != list(new.models)
         )
 
+    def report_loads(self, endpoints: Iterable[tuple[str, rpb.Endpoint]]) -> None:
+        """Records (endpoint key, record) whose load figures may have moved: the replicas
+        take them (no rebuild; nothing else changed)."""
+        now = time.monotonic()
+        for key, ep in endpoints:
+            replica = self.replicas.get(key)
+            if replica is not None and replica.address == ep.address:
+                self._load_records[key] = ep
+                replica.report_load(ep.load, now)
+
     def update(
         self,
         models: Iterable[rpb.ModelSpec] | None = None,
         endpoints: Mapping[str, rpb.Endpoint] | None = None,
         deleted: Mapping[str, rpb.Endpoint] | None = None,
+        runtimes: Mapping[str, rpb.RuntimeSpec] | None = None,
     ) -> None:
-        """Replace the known models and/or endpoints and rebuild the routes. `deleted`:
-        the last records of endpoints deleted since the previous update, when the caller
-        knows them (one watch batch can carry a replica's last write, not ready, and its
-        deletion); else the last record this table saw is taken."""
+        """Replace the known models, endpoints and/or runtimes and rebuild the routes.
+        `deleted`: the last records of endpoints deleted since the previous update, when
+        the caller knows them (one watch batch can carry a replica's last write, not
+        ready, and its deletion); else the last record this table saw is taken.
+        `runtimes`: their kinds say which versions are LLMs (picked by load)."""
         if models is not None:
             self._models = {m.name: m for m in models}
+        if runtimes is not None:
+            self._kinds = {name: spec.kind for name, spec in runtimes.items()}
         if endpoints is not None:
             now = time.monotonic()
             for key, last in self._endpoints.items():
@@ -221,6 +299,9 @@ class RoutingTable:
             replica = self.replicas.get(key)
             if replica is None or replica.address != ep.address:
                 replica = Replica(key=key, runtime=ep.runtime, address=ep.address)
+            if self._load_records.get(key) is not ep:  # a new record (an orphan's is not)
+                self._load_records[key] = ep
+                replica.report_load(ep.load, now)
             replica.on_orphan_failure = self._drop_orphan if key in self._orphans else None
             replicas[key] = replica
         self._schedule_expiry(now)
@@ -239,9 +320,11 @@ class RoutingTable:
                 continue
             for version, runtime in route.runtimes.items():
                 route.replicas[version] = serving.get((runtime, name, version), [])
+            route.llm_versions = frozenset(v for v, rt in route.runtimes.items() if self._kinds.get(rt) == LLM_KIND)
             routes[name] = route
         self.replicas = replicas
         self.routes = routes
+        self._load_records = {k: ep for k, ep in self._load_records.items() if k in replicas}
 
     def _schedule_expiry(self, now: float) -> None:
         """A rebuild when the first orphan's grace ends (none needed without orphans)."""
@@ -281,7 +364,7 @@ class RoutingTable:
     def route(self, model: str) -> ModelRoute:
         route = self.routes.get(model)
         if route is None:
-            raise GatewayError(grpc.StatusCode.NOT_FOUND, f"unknown model '{model}'")
+            raise GatewayError(grpc.StatusCode.NOT_FOUND, unknown_model_message(model, f"unknown model '{model}'"))
         return route
 
     def pick(
@@ -303,8 +386,24 @@ class RoutingTable:
         count = len(healthy)
         if count == 1:
             return chosen, healthy[0]
+        if self.load_aware and chosen in route.llm_versions:
+            return chosen, self._least_loaded(healthy, now)
         # power of two choices: two distinct replicas at random, the less busy one wins
         i = random.randrange(count)
         j = random.randrange(count - 1)
         a, b = healthy[i], healthy[j + (j >= i)]
         return chosen, a if a.outstanding <= b.outstanding else b
+
+    def _least_loaded(self, replicas: list[Replica], now: float) -> Replica:
+        """The LLM replica with the least estimated load, unsaturated ones first (every
+        replica is looked at: an LLM fleet is a handful, and a request costs seconds);
+        ties go to a random one of them, so that equal replicas share new work."""
+        best: list[Replica] = []
+        best_score: tuple[bool, float] | None = None
+        for replica in replicas:
+            score = llm_load(replica, now, self.stale_after)
+            if best_score is None or score < best_score:
+                best, best_score = [replica], score
+            elif score == best_score:
+                best.append(replica)
+        return best[0] if len(best) == 1 else random.choice(best)

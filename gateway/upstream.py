@@ -26,7 +26,8 @@ SERVICE = "/inference.GRPCInferenceService/"
 class Upstream:
     """Byte-passthrough calls to one runtime replica."""
 
-    __slots__ = ("address", "channel", "model_infer", "model_metadata", "model_ready", "model_stream_infer")
+    __slots__ = ("address", "channel", "model_config", "model_infer", "model_metadata", "model_ready",
+                 "model_statistics", "model_stream_infer")
 
     def __init__(self, address: str, options: list[tuple[str, int]]) -> None:
         self.address = address
@@ -35,6 +36,8 @@ class Upstream:
         self.model_infer = self.channel.unary_unary(SERVICE + "ModelInfer", **raw)
         self.model_metadata = self.channel.unary_unary(SERVICE + "ModelMetadata", **raw)
         self.model_ready = self.channel.unary_unary(SERVICE + "ModelReady", **raw)
+        self.model_config = self.channel.unary_unary(SERVICE + "ModelConfig", **raw)
+        self.model_statistics = self.channel.unary_unary(SERVICE + "ModelStatistics", **raw)
         self.model_stream_infer = self.channel.stream_stream(SERVICE + "ModelStreamInfer", **raw)
 
 

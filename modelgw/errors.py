@@ -14,7 +14,8 @@ trailer, and a client drops trailers over its metadata limit (16 KiB hard, 8 KiB
 default) with RESOURCE_EXHAUSTED, so a 100 KB model name echoed in NOT_FOUND would hide
 the real status. Stream responses (Triton's ModelStreamInfer) carry no status field: their
 error_message starts with the status name, written by `stream_message()` and read back by
-`split_stream_message()`.
+`split_stream_message()`. Errors Triton clients recognise by their text (an unknown model
+or version) start with Triton's wording: `unknown_model_message()`, `unknown_version_message()`.
 """
 
 from __future__ import annotations
@@ -79,6 +80,29 @@ def trailing_metadata(error: BaseException) -> tuple[tuple[str, str], ...]:
 
 def internal_message(error: BaseException) -> str:
     return f"internal error: {type(error).__name__}: {error}"
+
+
+# -- Triton's wording, where clients match on it ---------------------------------------------
+# Triton client code checks the text of a few errors (e.g. the official examples test
+# `message().startswith("Request for unknown model")`): those messages start with Triton's
+# words, ours follow in parentheses. The status codes stay ours (NOT_FOUND).
+
+
+def unknown_model_message(model: str, detail: str = "") -> str:
+    """The message for a model nobody serves (Triton: "Request for unknown model: 'x' is not found")."""
+    text = f"Request for unknown model: '{model}' is not found"
+    return f"{text} ({detail})" if detail else text
+
+
+def unknown_version_message(model: str, version: str, detail: str = "") -> str:
+    """The message for a version the model does not have. Triton's versions are integers:
+    it says "... 'x' version 3 is not found" for a number and "failed to get model version
+    from specified version string 'v'" for anything else."""
+    if version.isdigit():
+        text = f"Request for unknown model: '{model}' version {version} is not found"
+    else:
+        text = f"failed to get model version from specified version string '{version}'"
+    return f"{text} ({detail})" if detail else text
 
 
 # -- the status on a ModelStreamInfer stream ---------------------------------------------

@@ -54,6 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--no-demo", action="store_true", help="do not register the demo runtime and model")
+    p.add_argument("--data-plane", choices=("python", "envoy"), default="python",
+                   help="who serves gRPC inference: the gateway itself, or an Envoy it runs (modelgw[envoy])")
     p.set_defaults(func=run)
 
 
@@ -284,7 +286,10 @@ async def _serve(args: argparse.Namespace, data_dir: Path, endpoint: str) -> int
     issuer.prepare()
     auth = AuthConfig(issuers=(IssuerConfig(issuer=issuer.url, audiences=(issuer.audience,)),))
     gateway = Gateway(
-        GatewayConfig(etcd=endpoint, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, auth=auth)
+        GatewayConfig(
+            etcd=endpoint, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, auth=auth,
+            data_plane=args.data_plane,
+        )
     )
     reconciling = None
     try:

@@ -156,7 +156,8 @@ class _TokenFile:
 class _GatewayTransport:
     def __init__(self, call: rpb.ModelCall) -> None:
         self.address = call.gateway or DEFAULT_GATEWAY
-        self.token = _TokenFile(call.token_file)
+        # in a Kubernetes pod the token secret is mounted where MODELGW_TOKEN_FILE says (kube_objects.py)
+        self.token = _TokenFile(call.token_file or os.environ.get("MODELGW_TOKEN_FILE", ""))
         self._channel = grpc.aio.insecure_channel(
             self.address,
             options=[

@@ -9,8 +9,9 @@ arguments), chosen with --backend (reconciler.backend.Backend is what one implem
 core, the election and the status writes do not change. The kubernetes backend
 (reconciler.kubernetes) is imported only when it runs: it needs the `kubernetes` extra.
 `--dry-run` reads the registry once and prints, as multi-document YAML, the objects the
-kubernetes backend would apply (reconciler.kube_objects), for review and GitOps: it needs no
-cluster and changes nothing; a runtime that cannot work is named on stderr (exit status 1).
+kubernetes backend would apply (reconciler.kube_objects: the runtimes', then a Job for each
+job not finished and a Deployment for each stream), for review and GitOps: it needs no
+cluster and changes nothing; a record that cannot work is named on stderr (exit status 1).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING
 from modelgw.registry.keys import DEFAULT_PREFIX
 
 if TYPE_CHECKING:
+    from modelgw.protos import registry_pb2 as rpb
     from modelgw.reconciler.backend import Backend
     from modelgw.reconciler.kube_objects import KubeSettings
 
@@ -200,6 +202,8 @@ async def dry_run(args: argparse.Namespace) -> int:
     async with RegistryStore(args.etcd, prefix=args.prefix) as store:
         runtimes = sorted((r.spec for r in (await store.list_runtimes()).runtimes), key=lambda spec: spec.name)
         models = [m.spec for m in (await store.list_models()).models]
+        jobs = sorted((await store.list_jobs()).jobs, key=lambda record: record.spec.name)
+        streams = sorted((r.spec for r in (await store.list_streams()).streams), key=lambda spec: spec.name)
     documents: list[dict] = []
     refused = 0
     for runtime in runtimes:
@@ -210,9 +214,47 @@ async def dry_run(args: argparse.Namespace) -> int:
                 print(f"modelgw reconcile: runtimes/{runtime.name} cannot run: {problem}", file=sys.stderr)
             continue
         documents += runtime_objects(runtime, models, settings)
+    pipelines, refused_pipelines = _pipeline_documents(jobs, streams, models, settings)
+    documents += pipelines
+    refused += refused_pipelines
     if documents:
         sys.stdout.write(yaml.safe_dump_all(documents, sort_keys=False, explicit_start=True))
     return 1 if refused else 0
+
+
+def _pipeline_documents(
+    jobs: list[rpb.JobRecord], streams: list[rpb.StreamSpec], models: list[rpb.ModelSpec], settings: KubeSettings
+) -> tuple[list[dict], int]:
+    """The Jobs of the jobs not finished and the Deployments of the streams, as the
+    kubernetes backend would apply them; and how many cannot run (named on stderr)."""
+    from modelgw.reconciler.backend import job_hash
+    from modelgw.reconciler.core import finished, job_status_of
+    from modelgw.reconciler.kube_objects import job_object, pipeline_problems, stream_object
+
+    documents: list[dict] = []
+    refused = 0
+    for record in jobs:
+        status = job_status_of(record)
+        if finished(status):
+            continue  # the backend leaves a finished job alone: nothing to apply
+        problems = pipeline_problems(record.spec, models, settings)
+        for problem in problems:
+            print(f"modelgw reconcile: jobs/{record.spec.name} cannot run: {problem}", file=sys.stderr)
+        if problems:
+            refused += 1
+            continue
+        attempts = status.attempts if status is not None else 0
+        documents.append(job_object(record.spec, models, settings, job_hash(record.spec, record.create_revision),
+                                    attempts))
+    for stream in streams:
+        problems = pipeline_problems(stream, models, settings)
+        for problem in problems:
+            print(f"modelgw reconcile: streams/{stream.name} cannot run: {problem}", file=sys.stderr)
+        if problems:
+            refused += 1
+            continue
+        documents.append(stream_object(stream, models, settings))
+    return documents, refused
 
 
 async def _run(args: argparse.Namespace) -> int:

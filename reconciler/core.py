@@ -13,6 +13,26 @@ registry, not the backend: a replica is ready when its endpoint says so, whateve
 The workloads are let go (backend.close()) only when another reconciler is seen leading,
 never because etcd was unreachable, even for longer than the election lease: see
 election.LeaderElection.lost.
+
+Jobs and streams (issue 13) are planned in the same pass, after the runtimes:
+- a stream is kept like a runtime (plan_streams; stream_replicas(spec) consumers, a spec
+  change rolls), and the reconciler writes its replica counts and conditions into
+  status/streams/NAME (the replicas write their message counts and lag there);
+- a job gets a workload while it is not finished (plan_jobs); the backend restarts it
+  after a crash up to its backoff limit. The reconciler writes the JobStatus fields it
+  owns (phase PENDING until the job process says RUNNING, attempts, FAILED with the
+  reason once the retries are used up, SUCCEEDED when the backend saw it end so and the
+  process had not said it yet, backend, observed_revision); the job process writes its
+  progress, RUNNING and SUCCEEDED. Both write through update_job_status, a conditional
+  read-modify-write, so neither loses the other's fields.
+- A finished job (SUCCEEDED or FAILED) is final: its workload is left alone (a local
+  process has ended; a Kubernetes Job stays until ttl_seconds_after_finished, for its
+  logs) and a later change of its spec does not run it again (the status keeps saying what
+  ran). To run it again, delete it and apply it again: the new record's create_revision
+  is newer than the old status's observed_revision, so that status is not the new job's
+  (job_status_of) and the new job starts from PENDING.
+- A job's spec changed while it runs replaces its workload (the job resumes from its
+  output's manifest, which is the job process's concern).
 """
 
 from __future__ import annotations
@@ -24,7 +44,7 @@ from dataclasses import dataclass
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from modelgw.protos import registry_pb2 as rpb
-from modelgw.reconciler.backend import Backend, Workload, spec_hash
+from modelgw.reconciler.backend import Backend, JobWorkload, Workload, job_hash, spec_hash, stream_replicas
 from modelgw.reconciler.election import LeaderElection
 from modelgw.registry.errors import NotFoundError, RegistryError
 from modelgw.registry.keys import Section
@@ -72,37 +92,46 @@ def runtime_status(
         backend=backend,
         observed_revision=revision,
     )
-    available = ready >= spec.replicas
-    status.conditions.add(
-        type="Available",
-        status="True" if available else "False",
-        reason="ReplicasReady" if available else "ReplicasNotReady",
-        message=f"{ready} of {spec.replicas} replicas ready",
-    )
-    running = workload.running if workload else 0
-    progressing = workload is None or running != spec.replicas or ready != spec.replicas
-    status.conditions.add(
-        type="Progressing",
-        status="True" if progressing else "False",
-        reason="Scaling" if progressing else "Stable",
-        message=f"{running} running, {ready} ready, {spec.replicas} desired",
-    )
-    problems = workload.problems if workload else []
-    restarts = workload.restarts if workload else 0
-    status.conditions.add(
-        type="Degraded",
-        status="True" if problems else "False",
-        reason="ReplicaFailures" if problems else "NoFailures",
-        message="; ".join(problems) if problems else f"{restarts} restart{'' if restarts == 1 else 's'} so far",
-    )
+    status.conditions.extend(replica_conditions(spec.replicas, ready, workload))
     return status
 
 
-def same_status(a: rpb.RuntimeStatus | None, b: rpb.RuntimeStatus) -> bool:
+def replica_conditions(desired: int, ready: int, workload: Workload | None) -> list[rpb.Condition]:
+    """Available, Progressing and Degraded of a set of replicas (a runtime's, a stream's)."""
+    available = ready >= desired
+    running = workload.running if workload else 0
+    progressing = workload is None or running != desired or ready != desired
+    problems = workload.problems if workload else []
+    restarts = workload.restarts if workload else 0
+    return [
+        rpb.Condition(
+            type="Available",
+            status="True" if available else "False",
+            reason="ReplicasReady" if available else "ReplicasNotReady",
+            message=f"{ready} of {desired} replicas ready",
+        ),
+        rpb.Condition(
+            type="Progressing",
+            status="True" if progressing else "False",
+            reason="Scaling" if progressing else "Stable",
+            message=f"{running} running, {ready} ready, {desired} desired",
+        ),
+        rpb.Condition(
+            type="Degraded",
+            status="True" if problems else "False",
+            reason="ReplicaFailures" if problems else "NoFailures",
+            message="; ".join(problems) if problems else f"{restarts} restart{'' if restarts == 1 else 's'} so far",
+        ),
+    ]
+
+
+def same_status(
+    a: rpb.RuntimeStatus | rpb.StreamStatus | None, b: rpb.RuntimeStatus | rpb.StreamStatus
+) -> bool:
     """Equal but for timestamps."""
-    if a is None:
+    if a is None or type(a) is not type(b):
         return False
-    x, y = rpb.RuntimeStatus(), rpb.RuntimeStatus()
+    x, y = type(b)(), type(b)()
     x.CopyFrom(a)
     y.CopyFrom(b)
     for s in (x, y):
@@ -112,7 +141,9 @@ def same_status(a: rpb.RuntimeStatus | None, b: rpb.RuntimeStatus) -> bool:
     return x == y
 
 
-def stamp(status: rpb.RuntimeStatus, previous: rpb.RuntimeStatus | None, now: Timestamp) -> None:
+def stamp(
+    status: rpb.RuntimeStatus | rpb.StreamStatus, previous: rpb.RuntimeStatus | rpb.StreamStatus | None, now: Timestamp
+) -> None:
     """Set updated_at, and each condition's last_transition_time: kept from `previous`
     while the condition's status stays the same, `now` when it flips."""
     status.updated_at.CopyFrom(now)
@@ -123,6 +154,159 @@ def stamp(status: rpb.RuntimeStatus, previous: rpb.RuntimeStatus | None, now: Ti
             condition.last_transition_time.CopyFrom(old.last_transition_time)
         else:
             condition.last_transition_time.CopyFrom(now)
+
+
+# ---------------------------------------------------------------- jobs
+
+FINISHED = (rpb.JobStatus.SUCCEEDED, rpb.JobStatus.FAILED)
+
+
+@dataclass
+class JobPlan:
+    ensure: list[rpb.JobSpec]
+    remove: list[str]
+
+
+def job_status_of(record: rpb.JobRecord) -> rpb.JobStatus | None:
+    """The record's status, unless it was left by an earlier record of the same name
+    (deleted and applied again: observed before this record was created)."""
+    if not record.HasField("status"):
+        return None
+    status = record.status
+    if 0 < status.observed_revision < record.create_revision:
+        return None
+    return status
+
+
+def finished(status: rpb.JobStatus | None) -> bool:
+    return status is not None and status.phase in FINISHED
+
+
+def plan_jobs(
+    desired: dict[str, rpb.JobSpec],
+    statuses: dict[str, rpb.JobStatus | None],
+    observed: dict[str, JobWorkload],
+    hashes: dict[str, str],
+) -> JobPlan:
+    """What to do for the jobs: a workload for each job not finished that has none of its
+    hash (missing, or of an outdated spec: replaced); a finished job is left alone, whatever
+    its spec says now; the workload of a job no longer registered is removed.
+    `hashes`: job_hash of each desired job."""
+    ensure = []
+    for name, spec in sorted(desired.items()):
+        if finished(statuses.get(name)):
+            continue
+        workload = observed.get(name)
+        if workload is None or workload.spec_hash != hashes[name]:
+            ensure.append(spec)
+    remove = sorted(name for name in observed if name not in desired)
+    return JobPlan(ensure, remove)
+
+
+def job_status(
+    current: rpb.JobStatus | None, record: rpb.JobRecord, workload: JobWorkload | None, backend: str, now: Timestamp
+) -> rpb.JobStatus | None:
+    """`current` with the fields the reconciler owns brought up to date (phase PENDING until
+    the job says more, FAILED / SUCCEEDED as the backend saw it end, attempts, backend,
+    observed_revision), or None when none of them changes (or the job is finished: final).
+    The job process's own fields (progress, RUNNING, failures) are kept."""
+    status = rpb.JobStatus()
+    if current is not None and not (0 < current.observed_revision < record.create_revision):
+        status.CopyFrom(current)
+    if status.phase in FINISHED:
+        return None
+    before = rpb.JobStatus()
+    before.CopyFrom(status)
+    status.name = record.spec.name
+    status.backend = backend
+    status.observed_revision = record.revision
+    if workload is not None:
+        restarted = workload.attempts != status.attempts
+        status.attempts = workload.attempts
+        if workload.problems:
+            status.message = "; ".join(workload.problems)
+        if workload.outcome == rpb.JobStatus.FAILED:
+            status.phase = rpb.JobStatus.FAILED
+            status.message = workload.message
+            status.finished_at.CopyFrom(now)
+        elif workload.outcome == rpb.JobStatus.SUCCEEDED:
+            status.phase = rpb.JobStatus.SUCCEEDED
+            if not status.HasField("finished_at"):
+                status.finished_at.CopyFrom(now)
+        elif workload.message and restarted:
+            # a crashed attempt, restarted: why (once: the job process may say more after)
+            status.message = workload.message
+    if status.phase == rpb.JobStatus.PHASE_UNSPECIFIED:
+        status.phase = rpb.JobStatus.PENDING
+    if status == before and current is not None:
+        return None
+    status.updated_at.CopyFrom(now)
+    return status
+
+
+# ---------------------------------------------------------------- streams
+
+
+@dataclass
+class StreamPlan:
+    ensure: list[rpb.StreamSpec]
+    remove: list[str]
+
+
+def plan_streams(
+    desired: dict[str, rpb.StreamSpec], observed: dict[str, Workload], hashes: dict[str, str]
+) -> StreamPlan:
+    """As plan() for runtimes: ensure what is missing, outdated or mis-scaled (ensure takes
+    the next step of a roll), remove what is no longer registered."""
+    ensure = []
+    for name, spec in sorted(desired.items()):
+        workload = observed.get(name)
+        if workload is None or workload.spec_hash != hashes[name] or workload.replicas != stream_replicas(spec):
+            ensure.append(spec)
+    remove = sorted(name for name in observed if name not in desired)
+    return StreamPlan(ensure, remove)
+
+
+def stream_status(spec: rpb.StreamSpec, workload: Workload | None, backend: str, revision: int) -> rpb.StreamStatus:
+    """The fields of a StreamStatus the reconciler owns. A replica is ready while its
+    process (pod) is alive: Workload.instances (the replicas report their own figures)."""
+    desired = stream_replicas(spec)
+    ready = len(workload.instances or ()) if workload is not None else 0
+    status = rpb.StreamStatus(
+        name=spec.name, replicas_desired=desired, replicas_ready=ready, backend=backend, observed_revision=revision
+    )
+    status.conditions.extend(replica_conditions(desired, ready, workload))
+    return status
+
+
+STREAM_OWNED = ("name", "replicas_desired", "replicas_ready", "conditions", "observed_revision", "backend")
+
+
+def owned_stream_fields(status: rpb.StreamStatus) -> rpb.StreamStatus:
+    """Only the fields of a StreamStatus the reconciler writes."""
+    mine = rpb.StreamStatus()
+    for name in STREAM_OWNED:
+        if name == "conditions":
+            mine.conditions.extend(status.conditions)
+        else:
+            setattr(mine, name, getattr(status, name))
+    return mine
+
+
+def same_stream_status(current: rpb.StreamStatus | None, ours: rpb.StreamStatus) -> bool:
+    """Whether `current` already says what `ours` does (the reconciler's fields, timestamps aside)."""
+    return current is not None and same_status(owned_stream_fields(current), owned_stream_fields(ours))
+
+
+def merge_stream_status(target: rpb.StreamStatus, ours: rpb.StreamStatus) -> None:
+    """Our fields into `target` (what a replica wrote stays)."""
+    for name in STREAM_OWNED:
+        if name == "conditions":
+            del target.conditions[:]
+            target.conditions.extend(ours.conditions)
+        else:
+            setattr(target, name, getattr(ours, name))
+    target.updated_at.CopyFrom(ours.updated_at)
 
 
 class Reconciler:
@@ -193,6 +377,21 @@ class Reconciler:
         if change.section is Section.RUNTIME_STATUS:
             written = self._written.get(change.name)
             return change.new is None or written is None or not same_status(written[0], change.new)
+        return self._job_or_stream_matters(change)
+
+    @staticmethod
+    def _job_or_stream_matters(change: Change) -> bool:
+        """Job and stream records always matter; their statuses only when what the
+        reconciler acts on or writes differs: the job process and the stream replicas
+        rewrite them with every progress figure, which alone must not cause passes."""
+        if change.section in (Section.JOB, Section.STREAM):
+            return True
+        if change.old is None or change.new is None:
+            return change.section in (Section.JOB_STATUS, Section.STREAM_STATUS)
+        if change.section is Section.JOB_STATUS:
+            return bool(change.old.phase != change.new.phase or change.old.attempts != change.new.attempts)
+        if change.section is Section.STREAM_STATUS:
+            return not same_stream_status(change.old, change.new)
         return False
 
     async def _lead(self) -> None:
@@ -246,6 +445,94 @@ class Reconciler:
         if todo.ensure or todo.remove:
             observed = await self.backend.observe()
         await self._write_statuses(desired, observed, revisions)
+        await self.reconcile_jobs()
+        await self.reconcile_streams()
+        return todo
+
+    async def reconcile_jobs(self) -> JobPlan:
+        """The jobs' part of a pass: act on plan_jobs, then write what changed of the
+        reconciler's JobStatus fields (read from etcd in this pass: the job process writes
+        the same records)."""
+        records = {r.spec.name: r for r in (await self.store.list_jobs()).jobs}
+        models = list(self.view.models.values())
+        desired = {name: r.spec for name, r in records.items()}
+        statuses = {name: job_status_of(r) for name, r in records.items()}
+        hashes = {name: job_hash(r.spec, r.create_revision) for name, r in records.items()}
+        observed = await self.backend.observe_jobs()
+        todo = plan_jobs(desired, statuses, observed, hashes)
+        for spec in todo.ensure:
+            status = statuses[spec.name]
+            replaces = "replacing its outdated workload" if spec.name in observed else "starting it"
+            log.info("job %s: not finished, %s (spec %s)", spec.name, replaces, hashes[spec.name])
+            await self.backend.ensure_job(spec, hashes[spec.name], status.attempts if status else 0, models)
+        for name in todo.remove:
+            log.info("job %s: no longer in the registry, removing its workload", name)
+            await self.backend.remove_job(name)
+        if todo.ensure or todo.remove:
+            observed = await self.backend.observe_jobs()
+        now = Timestamp()
+        now.GetCurrentTime()
+        backend = self.backend.name
+        for name, record in records.items():
+            workload = observed.get(name)
+            if workload is not None and workload.spec_hash != hashes[name]:
+                workload = None  # an outdated spec's (finished) run says nothing of this one
+            if job_status(statuses[name], record, workload, backend, now) is None:
+                continue
+
+            def mutate(
+                current: rpb.JobStatus | None, record: rpb.JobRecord = record, workload: JobWorkload | None = workload
+            ) -> rpb.JobStatus | None:
+                # again on what is stored now: the job process may have written meanwhile
+                new = job_status(current if current is not None and current.ByteSize() else None,
+                                 record, workload, backend, now)
+                if new is None or current is None:
+                    return new if new is not None else current
+                current.CopyFrom(new)
+                return current
+
+            try:
+                await self.store.update_job_status(name, mutate)
+            except NotFoundError:
+                continue  # deleted meanwhile; the next pass removes its workload
+        return todo
+
+    async def reconcile_streams(self) -> StreamPlan:
+        """The streams' part of a pass: as for runtimes, and the reconciler's StreamStatus
+        fields (replica counts, conditions) written when they changed."""
+        records = (await self.store.list_streams()).streams
+        models = list(self.view.models.values())
+        desired = {r.spec.name: r.spec for r in records}
+        hashes = {name: spec_hash(spec) for name, spec in desired.items()}
+        observed = await self.backend.observe_streams()
+        todo = plan_streams(desired, observed, hashes)
+        for spec in todo.ensure:
+            log.info("stream %s: ensuring %d replicas (spec %s)", spec.name, stream_replicas(spec), hashes[spec.name])
+            await self.backend.ensure_stream(spec, hashes[spec.name], models)
+        for name in todo.remove:
+            log.info("stream %s: no longer in the registry, removing its workload", name)
+            await self.backend.remove_stream(name)
+        if todo.ensure or todo.remove:
+            observed = await self.backend.observe_streams()
+        for record in records:
+            name = record.spec.name
+            ours = stream_status(record.spec, observed.get(name), self.backend.name, record.revision)
+            current = record.status if record.HasField("status") else None
+            if same_stream_status(current, ours):
+                continue
+            now = Timestamp()
+            now.GetCurrentTime()
+            stamp(ours, current, now)
+
+            def mutate(current: rpb.StreamStatus | None, ours: rpb.StreamStatus = ours) -> rpb.StreamStatus:
+                target = current if current is not None else rpb.StreamStatus()
+                merge_stream_status(target, ours)
+                return target
+
+            try:
+                await self.store.update_stream_status(name, mutate)
+            except NotFoundError:
+                continue
         return todo
 
     def _last_status(self, name: str) -> rpb.RuntimeStatus | None:

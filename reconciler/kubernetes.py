@@ -26,6 +26,18 @@ read here: a replica is ready when its pod's endpoint in the registry says so.
 
 One namespace per modelgw installation: every managed Deployment in it whose runtime is not
 in this registry is an orphan, and is deleted.
+
+Jobs and streams (kube_objects.job_object / stream_object), labelled app.kubernetes.io/name
+modelgw-job / modelgw-stream, so that the runtimes' reads never see them:
+- ensure_job(): creates the Job; one of another spec hash is deleted and created again (a
+  Job's pod template is immutable); observe_jobs() reads its phase back from the Job's
+  status (the Complete or Failed condition, with the controller's reason, e.g.
+  BackoffLimitExceeded) and its attempts from its pod counts. The Job controller retries
+  failed pods (backoffLimit) and deletes the Job ttlSecondsAfterFinished after it ends.
+- streams: a Deployment each, applied server-side like a runtime's (no Service, no PDB);
+  a consumer counts as ready while its pod is Running.
+Only the runtimes' Deployments are watched: a Job or stream that changes by itself is
+seen by the next resync pass.
 """
 
 from __future__ import annotations
@@ -43,16 +55,24 @@ from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 
 from modelgw.protos import registry_pb2 as rpb
-from modelgw.reconciler.backend import Workload
+from modelgw.reconciler.backend import JobWorkload, Workload
 from modelgw.reconciler.kube_objects import (
     APP_NAME,
+    ATTEMPTS_ANNOTATION,
     FIELD_MANAGER,
+    JOB_APP_NAME,
+    JOB_PREFIX,
     MANAGED_BY,
     SPEC_HASH_ANNOTATION,
+    STREAM_APP_NAME,
+    STREAM_PREFIX,
     KubeSettings,
+    job_object,
     object_name,
     object_problems,
+    pipeline_problems,
     runtime_objects,
+    stream_object,
     workload_hash,
 )
 from modelgw.tasks import OutageLog
@@ -81,10 +101,11 @@ def api_client(kubeconfig: str | None = None, context: str | None = None) -> k8s
     return k8s.ApiClient(configuration)
 
 
-def _managed(labels: dict[str, str] | None) -> bool:
+def _managed(labels: dict[str, str] | None, app: str = APP_NAME) -> bool:
     # the emulator the tests run against ignores label selectors: filter here too
     labels = labels or {}
-    return all(labels.get(k) == v for k, v in MANAGED_LABELS.items()) and bool(labels.get(RUNTIME_LABEL))
+    wanted = {**MANAGED_LABELS, "app.kubernetes.io/name": app}
+    return all(labels.get(k) == v for k, v in wanted.items()) and bool(labels.get(RUNTIME_LABEL))
 
 
 class KubernetesBackend:
@@ -96,7 +117,13 @@ class KubernetesBackend:
         self.apps = k8s.AppsV1Api(api)
         self.core = k8s.CoreV1Api(api)
         self.policy = k8s.PolicyV1Api(api)
+        self.batch = k8s.BatchV1Api(api)
         self.watch_seconds = watch_seconds
+        # job / stream -> (hash, problems) refused, and -> the API server's refusal
+        self._refused_jobs: dict[str, tuple[str, list[str]]] = {}
+        self._rejected_jobs: dict[str, list[str]] = {}
+        self._refused_streams: dict[str, tuple[str, list[str]]] = {}
+        self._rejected_streams: dict[str, list[str]] = {}
         # runtime -> (workload hash, problems) of a spec that was refused, not applied
         self._refused: dict[str, tuple[str, list[str]]] = {}
         # runtime -> why the API server rejected its last apply
@@ -190,9 +217,10 @@ class KubernetesBackend:
         await asyncio.to_thread(self._delete, self.policy.delete_namespaced_pod_disruption_budget, name)
 
     async def close(self) -> None:
-        # the Deployments keep running: the next leader takes them over as they are
-        self._refused.clear()
-        self._rejected.clear()
+        # the Deployments and Jobs keep running: the next leader takes them over as they are
+        for kept in (self._refused, self._rejected, self._refused_jobs, self._rejected_jobs,
+                     self._refused_streams, self._rejected_streams):
+            kept.clear()
 
     # -- observing
 
@@ -243,6 +271,129 @@ class KubernetesBackend:
             # not count as ready while its lease runs out
             instances=frozenset(_meta(p).name or "" for p in live),
         )
+
+    # -- jobs: batch/v1 Jobs
+
+    async def observe_jobs(self) -> dict[str, JobWorkload]:
+        jobs = await asyncio.to_thread(self._list_managed, self.batch.list_namespaced_job, JOB_APP_NAME)
+        workloads = {_labels(job)[RUNTIME_LABEL]: _job_workload(job) for job in jobs}
+        if any(w.active for w in workloads.values()):
+            # why a running job's pod does not run (an image that cannot be pulled, no node
+            # with the GPU it asks for): a user must see it, as for runtimes
+            pods = await asyncio.to_thread(self._list_managed, self.core.list_namespaced_pod, JOB_APP_NAME)
+            for pod in pods:
+                workload = workloads.get(_labels(pod)[RUNTIME_LABEL])
+                if workload is not None and workload.active and _meta(pod).deletion_timestamp is None:
+                    workload.problems += _pod_problems(pod)[:MAX_POD_PROBLEMS]
+        for name, (wanted, problems) in self._refused_jobs.items():
+            # reported as the refused hash: not tried again until the spec changes
+            workloads[name] = JobWorkload(job=name, spec_hash=wanted, problems=problems)
+        for name, problems in self._rejected_jobs.items():
+            workload = workloads.setdefault(name, JobWorkload(job=name, spec_hash=""))  # "": tried again
+            workload.problems = problems + workload.problems
+        return workloads
+
+    async def ensure_job(
+        self, spec: rpb.JobSpec, spec_hash: str, attempts: int, models: Sequence[rpb.ModelSpec]
+    ) -> None:
+        problems = pipeline_problems(spec, models, self.settings)
+        if problems:
+            log.warning("job %s: not applied: %s", spec.name, "; ".join(problems))
+            self._refused_jobs[spec.name] = (spec_hash, problems)
+            return
+        self._refused_jobs.pop(spec.name, None)
+        body = job_object(spec, models, self.settings, spec_hash, attempts)
+        try:
+            await asyncio.to_thread(self._replace_job, body, spec_hash)
+        except ApiException as exc:
+            if not 400 <= (exc.status or 0) < 500 or exc.status in (409, 429):
+                raise  # away, busy, or the old Job still terminating: the next pass tries again
+            self._rejected_jobs[spec.name] = [f"the API server refused job {spec.name}'s Job: {_api_error(exc)}"]
+            log.warning("job %s: %s", spec.name, self._rejected_jobs[spec.name][0])
+        else:
+            self._rejected_jobs.pop(spec.name, None)
+
+    def _replace_job(self, body: dict, spec_hash: str) -> None:
+        """Create the Job; one of another spec hash is deleted first (a Job's pod template
+        is immutable: a changed job is a new Job)."""
+        name = body["metadata"]["name"]
+        try:
+            current = self.batch.read_namespaced_job(name, self.namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        else:
+            if (_meta(current).annotations or {}).get(SPEC_HASH_ANNOTATION) == spec_hash:
+                return
+            log.info("job %s: spec changed, deleting the outdated Job", name)
+            self._delete(self.batch.delete_namespaced_job, name)
+        self._apply_one(self.batch.patch_namespaced_job, self.batch.create_namespaced_job, name, body)
+
+    async def remove_job(self, job: str) -> None:
+        self._refused_jobs.pop(job, None)
+        self._rejected_jobs.pop(job, None)
+        # Background: its pods go with it (the garbage collector deletes them)
+        await asyncio.to_thread(self._delete, self.batch.delete_namespaced_job, f"{JOB_PREFIX}{job}")
+
+    # -- streams: Deployments without a Service
+
+    async def observe_streams(self) -> dict[str, Workload]:
+        deployments = await asyncio.to_thread(
+            self._list_managed, self.apps.list_namespaced_deployment, STREAM_APP_NAME)
+        pods = await asyncio.to_thread(self._list_managed, self.core.list_namespaced_pod, STREAM_APP_NAME)
+        pods_of: dict[str, list[k8s.V1Pod]] = {}
+        for pod in pods:
+            pods_of.setdefault(_labels(pod)[RUNTIME_LABEL], []).append(pod)
+        workloads = {}
+        for deployment in deployments:
+            name = _labels(deployment)[RUNTIME_LABEL]
+            mine = pods_of.get(name, [])
+            workload = self._workload(name, deployment, mine)
+            # a consumer is ready while its pod runs (it has no probe: it serves nothing)
+            workload.instances = frozenset(
+                _meta(p).name or "" for p in mine if _phase(p) == "Running" and _meta(p).deletion_timestamp is None)
+            workloads[name] = workload
+        for name, (wanted, problems) in self._refused_streams.items():
+            workload = workloads.setdefault(name, Workload(runtime=name, spec_hash=wanted, replicas=0))
+            workload.spec_hash = wanted
+            workload.problems = problems + workload.problems
+        for name, problems in self._rejected_streams.items():
+            workload = workloads.setdefault(name, Workload(runtime=name, spec_hash="", replicas=0))
+            workload.problems = problems + workload.problems
+        return workloads
+
+    async def ensure_stream(self, spec: rpb.StreamSpec, spec_hash: str, models: Sequence[rpb.ModelSpec]) -> None:
+        problems = pipeline_problems(spec, models, self.settings)
+        if problems:
+            log.warning("stream %s: not applied: %s", spec.name, "; ".join(problems))
+            self._refused_streams[spec.name] = (spec_hash, problems)
+            return
+        self._refused_streams.pop(spec.name, None)
+        body = stream_object(spec, models, self.settings, spec_hash)
+        name = body["metadata"]["name"]
+        try:
+            await asyncio.to_thread(
+                self._apply_one, self.apps.patch_namespaced_deployment, self.apps.create_namespaced_deployment,
+                name, body)
+        except ApiException as exc:
+            if not 400 <= (exc.status or 0) < 500 or exc.status in (409, 429):
+                raise
+            self._rejected_streams[spec.name] = [
+                f"the API server refused stream {spec.name}'s Deployment: {_api_error(exc)}"]
+            log.warning("stream %s: %s", spec.name, self._rejected_streams[spec.name][0])
+        else:
+            self._rejected_streams.pop(spec.name, None)
+
+    async def remove_stream(self, stream: str) -> None:
+        self._refused_streams.pop(stream, None)
+        self._rejected_streams.pop(stream, None)
+        await asyncio.to_thread(self._delete, self.apps.delete_namespaced_deployment, f"{STREAM_PREFIX}{stream}")
+
+    def _list_managed(self, list_namespaced: Callable[..., Any], app: str) -> list[Any]:
+        """The objects of one app (modelgw-job, modelgw-stream) that modelgw manages here."""
+        selector = f"app.kubernetes.io/managed-by={MANAGED_BY},app.kubernetes.io/name={app}"
+        items = list_namespaced(self.namespace, label_selector=selector).items
+        return [item for item in items if _managed(_labels(item), app)]
 
     # -- following
 
@@ -338,11 +489,11 @@ def _api_error(exc: ApiException) -> str:
     return f"{exc.status} {exc.reason}: {message or exc.body or 'no message'}"
 
 
-def _meta(obj: k8s.V1Deployment | k8s.V1Pod) -> k8s.V1ObjectMeta:
+def _meta(obj: k8s.V1Deployment | k8s.V1Pod | k8s.V1Job) -> k8s.V1ObjectMeta:
     return obj.metadata or k8s.V1ObjectMeta()
 
 
-def _labels(obj: k8s.V1Deployment | k8s.V1Pod) -> dict[str, str]:
+def _labels(obj: k8s.V1Deployment | k8s.V1Pod | k8s.V1Job) -> dict[str, str]:
     return _meta(obj).labels or {}
 
 
@@ -393,3 +544,30 @@ def _last_termination(container: k8s.V1ContainerStatus) -> str:
     # the container's termination message, or its last log lines (FallbackToLogsOnError)
     why = (terminated.message or terminated.reason or "").strip()
     return f"; last exit code {terminated.exit_code}" + (f": {why}" if why else "")
+
+
+def _job_workload(job: k8s.V1Job) -> JobWorkload:
+    """What a Job's status says: its pods so far (and those counted before this Job object),
+    and how it ended (the Complete or Failed condition, with the controller's reason)."""
+    name = _labels(job)[RUNTIME_LABEL]
+    annotations = _meta(job).annotations or {}
+    before = annotations.get(ATTEMPTS_ANNOTATION, "0")
+    status = job.status or k8s.V1JobStatus()
+    pods = (status.active or 0) + (status.succeeded or 0) + (status.failed or 0)
+    workload = JobWorkload(
+        job=name, spec_hash=annotations.get(SPEC_HASH_ANNOTATION, ""),
+        attempts=(int(before) if before.isdigit() else 0) + pods,
+    )
+    true = {c.type: c for c in status.conditions or [] if c.status == "True"}
+    if "Complete" in true:
+        workload.outcome = rpb.JobStatus.SUCCEEDED
+    elif "Failed" in true:
+        failed = true["Failed"]
+        workload.outcome = rpb.JobStatus.FAILED
+        workload.message = f"Job {_meta(job).name}: {failed.reason or 'Failed'}: {failed.message or 'no message'}"
+    else:
+        workload.active = True
+        if status.failed:
+            limit = job.spec.backoff_limit if job.spec else None
+            workload.message = f"Job {_meta(job).name}: {status.failed} pod(s) failed so far (backoffLimit {limit})"
+    return workload

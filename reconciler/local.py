@@ -13,6 +13,13 @@ replica is started; once its endpoint is ready, one outdated replica is stopped;
 The registry keeps serving from the outdated replicas until new ones are ready. Each step
 is taken by an ensure() call (the core calls it on every pass while observe() reports the
 outdated spec hash, and a pass runs whenever an endpoint's readiness changes).
+
+Jobs and streams use the same supervision (a ProcessGroup given a Supervision: how its
+processes start, whether one comes back after it exits): a stream is `replicas` processes
+of `modelgw stream run`, always restarted, rolled like a runtime's (a consumer is ready
+while its process is alive); a job is one `modelgw job run` process (LocalJob), restarted
+after a crash up to its backoff limit and then FAILED, and left to end when it exits 0 or
+gives up by itself (backend.JOB_EXIT_FAILED).
 """
 
 from __future__ import annotations
@@ -24,15 +31,42 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from modelgw.net import free_port
 from modelgw.process import PARENT_PID_ENV, python_module
 from modelgw.protos import registry_pb2 as rpb
-from modelgw.reconciler.backend import Workload, custom_command, spec_hash
+from modelgw.reconciler.backend import (
+    JOB_EXIT_FAILED,
+    JobWorkload,
+    Workload,
+    backoff_limit,
+    custom_command,
+    spec_hash,
+    stream_replicas,
+)
+from modelgw.registry.validation import EXTERNAL_KIND, external_port
 
 log = logging.getLogger(__name__)
+
+
+def _always(replica: Replica, code: int) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Supervision:
+    """What a ProcessGroup's processes are: `what` names them in logs and instance names
+    ("runtime", "stream", "job"); `spawn` starts one for a replica; `restart(replica,
+    exit code)` says whether it comes back (always, for runtimes and streams)."""
+
+    what: str
+    spawn: Callable[[Replica], Awaitable[asyncio.subprocess.Process]]
+    restart: Callable[[Replica, int], bool] = _always
+
 
 class Replica:
     """One slot of a runtime: a process, restarted whenever it exits, until stopped.
@@ -52,6 +86,8 @@ class Replica:
         self.recent_crashes: list[float] = []
         self.last_exit: int | None = None
         self.last_error = ""  # why the last start failed, if it did
+        self.finished = False  # its group's restart policy let it end (a job done or out of retries)
+        self.starts = 0
         self.grace = group.backend.stop_grace
         self._stop = asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self._supervise(), name=f"replica-{group.spec.name}-{slot}")
@@ -67,13 +103,15 @@ class Replica:
     async def _supervise(self) -> None:
         backoff = 0.5
         name = self.spec.name
+        what = self.group.what
         while not self.stopping:
-            self.instance = f"{name}-{self.slot}-{secrets.token_hex(3)}"
+            self.instance = f"{self.group.instance_prefix}{name}-{self.slot}-{secrets.token_hex(3)}"
+            self.starts += 1
             started = time.monotonic()
             try:
-                process = await self.group.backend.spawn(self.spec, self.instance)
+                process = await self.group.spawn(self)
             except (OSError, ValueError) as exc:
-                log.error("runtime %s: cannot start replica %d: %s", name, self.slot, exc)
+                log.error("%s %s: cannot start replica %d: %s", what, name, self.slot, exc)
                 code, self.last_error = -1, f"cannot start: {exc}"
             else:
                 self.process = process
@@ -84,14 +122,17 @@ class Replica:
             if self.stopping:
                 return
             self.last_exit = code
+            if not self.group.restart(self, code):
+                self.finished = True
+                return
             self.restarts += 1
             now = time.monotonic()
             self.recent_crashes = [t for t in self.recent_crashes if now - t < 120] + [now]
             if now - started > 60:
                 backoff = 0.5  # it ran for a while: this is a fresh failure, not a crash loop
             log.warning(
-                "runtime %s: replica %s exited with code %s; restarting in %.1fs (log: %s)",
-                name, self.instance, code, backoff, self.group.backend.log_path(self.instance),
+                "%s %s: replica %s exited with code %s; restarting in %.1fs (log: %s)",
+                what, name, self.instance, code, backoff, self.group.backend.log_path(self.instance),
             )
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), backoff)
@@ -127,16 +168,29 @@ class Replica:
 
 class ProcessGroup:
     """A runtime's replicas: those running its current spec, and while a spec change
-    rolls, the outdated ones still serving until new ones are ready."""
+    rolls, the outdated ones still serving until new ones are ready. A stream's consumers
+    and a job's one process are groups too, given by `supervision` (how they start, when
+    they come back); a runtime's replicas are the default."""
 
-    def __init__(self, backend: LocalBackend, spec: rpb.RuntimeSpec, spec_hash: str) -> None:
+    def __init__(
+        self, backend: LocalBackend, spec: Any, spec_hash: str, supervision: Supervision | None = None
+    ) -> None:
         self.backend = backend
-        self.spec = spec
+        self.spec = spec  # an rpb.RuntimeSpec, or the StreamSpec / JobSpec of `supervision`
         self.spec_hash = spec_hash
+        self.supervision = supervision or Supervision("runtime", lambda r: backend.spawn(r.spec, r.instance))
+        self.what = self.supervision.what
+        self.instance_prefix = "" if self.what == "runtime" else f"{self.what}-"
         self.replicas: list[Replica] = []
         self.outdated: list[Replica] = []
         self.outdated_hash = ""  # the spec hash the outdated replicas run (the last one rolled from)
         self._slots = 0
+
+    async def spawn(self, replica: Replica) -> asyncio.subprocess.Process:
+        return await self.supervision.spawn(replica)
+
+    def restart(self, replica: Replica, code: int) -> bool:
+        return self.supervision.restart(replica, code)
 
     def _start(self) -> Replica:
         # slots count up across rolls, so that an outdated and a new replica never share a name
@@ -205,6 +259,53 @@ class ProcessGroup:
         )
 
 
+class LocalJob:
+    """A job as a ProcessGroup of one: `modelgw job run` restarted after a crash (an exit
+    code other than 0 and JOB_EXIT_FAILED, a signal, a failed start) with the replicas'
+    backoff, at most backoff_limit times; it ends for good when the process exits 0 or
+    JOB_EXIT_FAILED (it gave up by itself) or the retries are used up. `attempts_before`:
+    the starts the job's status counted before this one took over (a new leader carries on
+    counting, and gives the job its full backoff again)."""
+
+    def __init__(self, backend: LocalBackend, spec: rpb.JobSpec, spec_hash: str, attempts_before: int) -> None:
+        self.limit = backoff_limit(spec)
+        self.attempts_before = attempts_before
+        self.group = ProcessGroup(backend, spec, spec_hash, Supervision("job", backend.spawn_job, self._restart))
+
+    @property
+    def spec_hash(self) -> str:
+        return self.group.spec_hash
+
+    def _restart(self, replica: Replica, code: int) -> bool:
+        return code not in (0, JOB_EXIT_FAILED) and replica.restarts < self.limit
+
+    def workload(self) -> JobWorkload:
+        name = self.group.spec.name
+        replica = self.group.replicas[0] if self.group.replicas else None
+        if replica is None:
+            return JobWorkload(job=name, spec_hash=self.spec_hash, attempts=self.attempts_before)
+        attempts = self.attempts_before + replica.starts
+        workload = JobWorkload(job=name, spec_hash=self.spec_hash, attempts=attempts, active=not replica.finished)
+        why = replica.last_error or f"see {self.group.backend.log_path(replica.instance)}"
+        if replica.finished and replica.last_exit == 0:
+            workload.outcome = rpb.JobStatus.SUCCEEDED
+        elif replica.finished and replica.last_exit == JOB_EXIT_FAILED:
+            workload.outcome = rpb.JobStatus.FAILED
+            workload.message = f"the job process gave up (exit code {replica.last_exit}): {why}"
+        elif replica.finished:
+            workload.outcome = rpb.JobStatus.FAILED
+            workload.message = (
+                f"the job process failed {replica.restarts + 1} times, past its backoff_limit of {self.limit} "
+                f"restarts; the last exit code was {replica.last_exit}: {why}"
+            )
+        elif replica.restarts:
+            workload.message = (
+                f"the job process exited with code {replica.last_exit} ({why}); restarted, "
+                f"{replica.restarts} of {self.limit} restarts used"
+            )
+        return workload
+
+
 class LocalBackend:
     name = "local"
 
@@ -228,6 +329,8 @@ class LocalBackend:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.groups: dict[str, ProcessGroup] = {}
+        self.jobs: dict[str, LocalJob] = {}
+        self.streams: dict[str, ProcessGroup] = {}
 
     def log_path(self, instance: str) -> Path:
         return self.log_dir / f"{instance}.log"
@@ -251,6 +354,8 @@ class LocalBackend:
             python=self.python, host=self.host, port=port, etcd=self.etcd, prefix=self.prefix,
             runtime=spec.name, instance=instance, kind=spec.kind,
         )
+        if spec.kind == EXTERNAL_KIND:
+            return self.external_argv(spec, values)
         if spec.command:
             return custom_command(spec, values)
         argv = [
@@ -270,23 +375,46 @@ class LocalBackend:
             argv += ["--option", f"{key}={value}"]
         return argv
 
+    def external_argv(self, spec: rpb.RuntimeSpec, values: Mapping[str, object]) -> list[str]:
+        """A replica of kind external: `modelgw runtime attach`, which runs the spec's
+        command (the server) as its child, waits for it to be ready, registers it, and
+        stops it after withdrawing. The server listens on {port}, a free port, when its
+        command says so; else on options.port (then one replica per machine)."""
+        uses_port = any("{port}" in part for part in spec.command)
+        port = values["port"] if uses_port else external_port(spec)
+        return [
+            *python_module("modelgw", self.python), "runtime", "attach",
+            "--target", f"{self.host}:{port}",
+            "--runtime", spec.name,
+            "--etcd", self.etcd,
+            "--prefix", self.prefix,
+            "--instance", str(values["instance"]),
+            "--lease-ttl", str(self.lease_ttl),
+            "--stop-grace", f"{max(1.0, self.stop_grace - 2):g}",
+            "--", *custom_command(spec, values),
+        ]
+
     async def spawn(self, spec: rpb.RuntimeSpec, instance: str) -> asyncio.subprocess.Process:
         # `modelgw runtime serve` binds any free port itself and registers it (no race for
         # a port picked here); a custom command gets a port that is free right now
         port = free_port(self.host) if spec.command else 0
         argv = self.argv(spec, instance, port)
+        process = await self.exec(argv, spec.env, instance)
+        log.info("runtime %s: started replica %s (pid %d)", spec.name, instance, process.pid)
+        return process
+
+    async def exec(self, argv: list[str], env: Mapping[str, str], instance: str) -> asyncio.subprocess.Process:
+        """Start a supervised process: `env` over ours, output to log_path(instance)."""
         # the replica arms PR_SET_PDEATHSIG itself (modelgw.process): it dies with us
-        env = {**os.environ, **dict(spec.env), PARENT_PID_ENV: str(os.getpid())}
+        environment = {**os.environ, **dict(env), PARENT_PID_ENV: str(os.getpid())}
         out = os.open(self.log_path(instance), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            process = await asyncio.create_subprocess_exec(
+            return await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
-                env=env,
+                env=environment,
             )
         finally:
             os.close(out)  # the child has its own copy
-        log.info("runtime %s: started replica %s (pid %d)", spec.name, instance, process.pid)
-        return process
 
     async def observe(self) -> dict[str, Workload]:
         return {name: group.workload() for name, group in self.groups.items()}
@@ -318,4 +446,83 @@ class LocalBackend:
             await group.scale(0)
 
     async def close(self) -> None:
-        await asyncio.gather(*(self.remove(name) for name in list(self.groups)))
+        await asyncio.gather(*(self.remove(name) for name in list(self.groups)), self.close_jobs_and_streams())
+
+    # -- jobs and streams (issue 13): the same supervision as runtime replicas (Replica,
+    # ProcessGroup), other processes:
+    # - a job: `python -P -m modelgw job run --name N --etcd E --prefix P` (LocalJob);
+    # - a stream: stream_replicas(spec) processes of `... modelgw stream run --name N --etcd E
+    #   --prefix P --replica K` (K: the replica's slot, unique within the stream for as long
+    #   as the reconciler runs), restarted whenever they exit, rolled one at a time on a spec
+    #   change. A consumer counts as ready while its process is alive: the replicas register
+    #   no endpoint, and what they consume is theirs to report (StreamStatus counts, lag).
+
+    def job_argv(self, spec: rpb.JobSpec) -> list[str]:
+        return [*python_module("modelgw", self.python), "job", "run",
+                "--name", spec.name, "--etcd", self.etcd, "--prefix", self.prefix]
+
+    def stream_argv(self, spec: rpb.StreamSpec, replica: int) -> list[str]:
+        return [*python_module("modelgw", self.python), "stream", "run",
+                "--name", spec.name, "--etcd", self.etcd, "--prefix", self.prefix, "--replica", str(replica)]
+
+    async def spawn_job(self, replica: Replica) -> asyncio.subprocess.Process:
+        process = await self.exec(self.job_argv(replica.spec), replica.spec.env, replica.instance)
+        log.info("job %s: started %s (pid %d, attempt %d)", replica.spec.name, replica.instance, process.pid,
+                 replica.starts)
+        return process
+
+    async def spawn_stream(self, replica: Replica) -> asyncio.subprocess.Process:
+        process = await self.exec(self.stream_argv(replica.spec, replica.slot), replica.spec.env, replica.instance)
+        log.info("stream %s: started replica %s (pid %d)", replica.spec.name, replica.instance, process.pid)
+        return process
+
+    # -- jobs
+
+    async def observe_jobs(self) -> dict[str, JobWorkload]:
+        return {name: job.workload() for name, job in self.jobs.items()}
+
+    async def ensure_job(
+        self, spec: rpb.JobSpec, spec_hash: str, attempts: int, models: Sequence[rpb.ModelSpec]
+    ) -> None:
+        job = self.jobs.get(spec.name)
+        if job is not None and job.spec_hash == spec_hash:
+            return
+        if job is not None:
+            log.info("job %s: spec changed, replacing its process", spec.name)
+            await self.remove_job(spec.name)
+        copy = rpb.JobSpec()
+        copy.CopyFrom(spec)
+        job = self.jobs[spec.name] = LocalJob(self, copy, spec_hash, attempts)
+        await job.group.scale(1)
+
+    async def remove_job(self, job: str) -> None:
+        local = self.jobs.pop(job, None)
+        if local is not None:
+            await local.group.scale(0)
+
+    # -- streams
+
+    async def observe_streams(self) -> dict[str, Workload]:
+        return {name: group.workload() for name, group in self.streams.items()}
+
+    async def ensure_stream(self, spec: rpb.StreamSpec, spec_hash: str, models: Sequence[rpb.ModelSpec]) -> None:
+        copy = rpb.StreamSpec()
+        copy.CopyFrom(spec)
+        group = self.streams.get(spec.name)
+        if group is None:
+            supervision = Supervision("stream", self.spawn_stream)
+            group = self.streams[spec.name] = ProcessGroup(self, copy, spec_hash, supervision)
+        elif group.spec_hash != spec_hash:
+            log.info("stream %s: spec changed, rolling its replicas one at a time", spec.name)
+            group.change_spec(copy, spec_hash)
+        alive = frozenset(r.instance for r in group.replicas + group.outdated if r.running)
+        await group.roll(stream_replicas(spec), alive)
+
+    async def remove_stream(self, stream: str) -> None:
+        group = self.streams.pop(stream, None)
+        if group is not None:
+            await group.scale(0)
+
+    async def close_jobs_and_streams(self) -> None:
+        await asyncio.gather(*(self.remove_job(name) for name in list(self.jobs)),
+                             *(self.remove_stream(name) for name in list(self.streams)))

@@ -137,7 +137,7 @@ def runtime_problems(spec: rpb.RuntimeSpec) -> list[str]:
     p = _Problems(_record("runtimes", spec.name))
     p.name("name", spec.name)
     if not spec.kind:
-        p.add("kind", "required (e.g. pytorch, onnx, python, llm, or the name of an installed kind)")
+        p.add("kind", "required (e.g. pytorch, onnx, python, llm, external, or the name of an installed kind)")
     elif not _KIND.match(spec.kind):
         p.add("kind", f"{spec.kind!r} is not a kind name (lowercase letters, digits, '.', '_', '-', at most 63)")
     if spec.image and any(c.isspace() for c in spec.image):
@@ -168,7 +168,34 @@ def runtime_problems(spec: rpb.RuntimeSpec) -> list[str]:
     for key in spec.options:
         if not key or "=" in key or any(c.isspace() for c in key):
             p.add(f"options[{key!r}]", "option names must be non-empty, without '=' or spaces")
+    if spec.kind == EXTERNAL_KIND:
+        _external(p, spec)
     return p.items
+
+
+# A runtime of kind "external" is an OIP server that modelgw did not write, registered by
+# `modelgw runtime attach` beside it: options.port is the port it serves gRPC on; with
+# replicas the reconciler runs it (the local backend its `command`, with {port} filled in;
+# the kubernetes backend its `image`, the adapter as a sidecar); with none, servers
+# started elsewhere are attached by hand.
+EXTERNAL_KIND = "external"
+EXTERNAL_PORT_OPTION = "port"
+
+
+def external_port(spec: rpb.RuntimeSpec) -> int | None:
+    """The gRPC port of an external runtime's server (options.port), None if not a port."""
+    text = spec.options.get(EXTERNAL_PORT_OPTION, "")
+    return int(text) if text.isdigit() and 0 < int(text) < 65536 else None
+
+
+def _external(p: _Problems, spec: rpb.RuntimeSpec) -> None:
+    if EXTERNAL_PORT_OPTION not in spec.options:
+        p.add(f"options[{EXTERNAL_PORT_OPTION!r}]", "required for kind 'external': the port the server serves OIP gRPC on")
+    elif external_port(spec) is None:
+        p.add(f"options[{EXTERNAL_PORT_OPTION!r}]", f"{spec.options[EXTERNAL_PORT_OPTION]!r} is not a port (1 to 65535)")
+    if spec.replicas and not spec.command and not spec.image:
+        p.add("command", "kind 'external' with replicas needs the server to run: its command (local backend, "
+                         "'{port}' is its port) or its image (kubernetes backend); with replicas 0 attach servers by hand")
 
 
 def _resources(p: _Problems, resources: rpb.Resources) -> None:

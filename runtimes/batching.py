@@ -8,7 +8,10 @@ thread pool and hands each caller a view of exactly its own rows, in order. Requ
 whose non-batch dims, datatypes or parameters differ are never merged. While a batch
 runs, new requests queue, so batches form under load even with no delay configured.
 
-Both expose `queue_depth` and `in_flight` (requests): load figures in the endpoint record.
+Both expose `queue_depth` and `in_flight` (requests): load figures in the endpoint record,
+and `predict_calls` (executions: a merged batch counts once). After `submit` returns,
+`QUEUE_SECONDS` holds how long that request waited before its predict call started (the
+queue time of the model statistics).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,6 +35,9 @@ from modelgw.runtimes.model import Tensors
 log = logging.getLogger(__name__)
 
 Predict = Callable[[Tensors, Mapping[str, Any]], Tensors]
+
+# set by submit() in the caller's context: seconds the request waited for its predict call
+QUEUE_SECONDS: ContextVar[float] = ContextVar("modelgw_queue_seconds", default=0.0)
 
 
 @dataclass(frozen=True)
@@ -90,12 +97,14 @@ class DirectRunner:
         self.in_flight = 0
         self.predict_calls = 0
 
-    def _timed(self, inputs: Tensors, parameters: Mapping[str, Any]) -> Tensors:
-        started = time.perf_counter()
+    def _timed(self, inputs: Tensors, parameters: Mapping[str, Any], started: list[float] | None = None) -> Tensors:
+        began = time.perf_counter()
+        if started is not None:
+            started.append(began)  # when the pool got to it: the end of its queue time
         try:
             return call_predict(self._model, self._predict, inputs, parameters)
         finally:
-            elapsed = time.perf_counter() - started
+            elapsed = time.perf_counter() - began
             average = self._average
             self._average = elapsed if average == float("inf") else 0.9 * average + 0.1 * elapsed
 
@@ -108,10 +117,16 @@ class DirectRunner:
         self.predict_calls += 1
         try:
             if self._average < self._inline_below:
+                QUEUE_SECONDS.set(0.0)
                 return self._timed(inputs, parameters)
             # in the request's context: request_metadata() works in a pooled predict too
             call = contextvars.copy_context().run
-            return await self._loop.run_in_executor(self._executor, call, self._timed, inputs, parameters)
+            submitted = time.perf_counter()
+            started: list[float] = []
+            try:
+                return await self._loop.run_in_executor(self._executor, call, self._timed, inputs, parameters, started)
+            finally:
+                QUEUE_SECONDS.set(started[0] - submitted if started else 0.0)
         finally:
             self.in_flight -= 1
 
@@ -120,7 +135,7 @@ class DirectRunner:
 
 
 class _Pending:
-    __slots__ = ("arrival", "future", "inputs", "key", "parameters", "rows")
+    __slots__ = ("arrival", "future", "inputs", "key", "parameters", "rows", "started")
 
     def __init__(self, inputs: Tensors, parameters: Mapping[str, Any], rows: int, key: Any,
                  future: asyncio.Future, arrival: float) -> None:
@@ -130,6 +145,7 @@ class _Pending:
         self.key = key
         self.future = future
         self.arrival = arrival
+        self.started = arrival  # loop time its batch began; set by the worker
 
 
 def _batch_key(inputs: Tensors, parameters: Mapping[str, Any]) -> Any:
@@ -168,17 +184,23 @@ class DynamicBatcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def config(self) -> BatchingConfig:
+        return self._config
+
     async def submit(self, inputs: Tensors, parameters: Mapping[str, Any], rows: int) -> Tensors:
         """Queue one request of `rows` rows (dim 0) and wait for its own outputs."""
         if self._closed:
             raise ModelNotReady(f"model '{self._model}' is unloading")
         future = self._loop.create_future()
-        self._queue.append(
-            _Pending(inputs, parameters, rows, _batch_key(inputs, parameters), future, self._loop.time())
-        )
+        pending = _Pending(inputs, parameters, rows, _batch_key(inputs, parameters), future, self._loop.time())
+        self._queue.append(pending)
         self._queued_rows += rows
         self._arrived.set()
-        return await future
+        try:
+            return await future
+        finally:
+            QUEUE_SECONDS.set(max(0.0, pending.started - pending.arrival))
 
     async def close(self) -> None:
         """Stop the workers; requests still queued fail with UNAVAILABLE."""
@@ -250,6 +272,9 @@ class DynamicBatcher:
     async def _run(self, batch: list[_Pending]) -> None:
         self.in_flight += len(batch)
         self.predict_calls += 1
+        now = self._loop.time()
+        for pending in batch:
+            pending.started = now
         try:
             results = await self._loop.run_in_executor(self._executor, self._run_batch, batch)
         except asyncio.CancelledError:
@@ -262,20 +287,41 @@ class DynamicBatcher:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
         else:
-            for pending, outputs in zip(batch, results, strict=True):  # one result per request
-                if not pending.future.done():
-                    pending.future.set_result(outputs)
+            for pending, outcome in zip(batch, results, strict=True):  # one outcome per request
+                if pending.future.done():
+                    continue
+                if isinstance(outcome, Exception):
+                    pending.future.set_exception(outcome)
+                else:
+                    pending.future.set_result(outcome)
         finally:
             self.in_flight -= len(batch)
 
-    def _run_batch(self, batch: list[_Pending]) -> list[Tensors]:
-        """In the thread pool: merge, predict once, split each output back by rows."""
-        if len(batch) == 1:
-            only = batch[0]
-            return [call_predict(self._model, self._predict, only.inputs, only.parameters)]
-        names = batch[0].inputs.keys()
-        merged = {name: np.concatenate([p.inputs[name] for p in batch]) for name in names}
-        outputs = call_predict(self._model, self._predict, merged, batch[0].parameters)
+    def _run_batch(self, batch: list[_Pending]) -> list[Tensors | Exception]:
+        """In the thread pool: merge, predict once, split each output back by rows. When the
+        merged predict raises, each request is run alone, so only the requests to blame fail,
+        as they would without batching (one bad row must not fail its neighbours' requests: a
+        stream's dead letter or a job's failures would hold good rows otherwise)."""
+        if len(batch) > 1:
+            names = batch[0].inputs.keys()
+            merged = {name: np.concatenate([p.inputs[name] for p in batch]) for name in names}
+            try:
+                outputs = call_predict(self._model, self._predict, merged, batch[0].parameters)
+            except InferenceError:
+                self.predict_calls += len(batch)
+            else:
+                return list(self._split(batch, outputs))
+        outcomes: list[Tensors | Exception] = []
+        for pending in batch:
+            try:
+                outcomes.append(call_predict(self._model, self._predict, pending.inputs, pending.parameters))
+            except InferenceError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def _split(self, batch: list[_Pending], outputs: Tensors) -> list[Tensors]:
+        """Each request's rows of a merged call's outputs; a model that breaks the batch
+        dimension fails the whole call (rerunning alone would hide that it cannot batch)."""
         total = sum(p.rows for p in batch)
         arrays: dict[str, np.ndarray] = {}
         for name, value in outputs.items():

@@ -146,6 +146,82 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     registry.add_argument("--lease-ttl", type=parse_lease_ttl, default=10,
                           help="endpoint lease TTL in seconds (default 10)")
     serve.set_defaults(func=serve_command)
+    _register_attach(commands)
+
+
+def parse_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds above 0")
+    return seconds
+
+
+def parse_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number, at least 1")
+    return int(text)
+
+
+def _register_attach(commands: argparse._SubParsersAction) -> None:
+    from modelgw.runtimes import attach
+
+    parser = commands.add_parser(
+        "attach",
+        help="register an OIP v2 gRPC server that is not modelgw's (Triton, KServe, your own) as a runtime replica",
+        description=attach.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--target", required=True, type=parse_host_port, metavar="HOST:PORT",
+                        help="the server's OIP v2 gRPC address, as this process reaches it")
+    parser.add_argument("--runtime", required=True, type=parse_runtime_name,
+                        help="the registry runtime the server is a replica of (its models are assigned there)")
+    parser.add_argument("--etcd", required=True, type=parse_host_port, metavar="HOST:PORT",
+                        help="etcd endpoint of the registry")
+    parser.add_argument("--prefix", type=parse_prefix, default="/modelgw/v1/",
+                        help="registry key prefix (default %(default)s)")
+    parser.add_argument("--instance", type=parse_instance_name, default=None,
+                        help="the replica's name (default: $POD_NAME in a Kubernetes pod, else RUNTIME-<random>)")
+    parser.add_argument("--advertise", type=parse_host_port, default=None, metavar="HOST:PORT",
+                        help="address the gateway should dial (default: --target; for a loopback or wildcard "
+                             "host, $POD_IP in a Kubernetes pod)")
+    parser.add_argument("--lease-ttl", type=parse_lease_ttl, default=10,
+                        help="endpoint lease TTL in seconds (default 10)")
+    parser.add_argument("--poll-interval", type=parse_seconds, default=1.0,
+                        help="seconds between ServerReady/ModelReady polls (default 1)")
+    parser.add_argument("--failures", type=parse_count, default=3,
+                        help="polls in a row without a ready answer before the endpoint is withdrawn (default 3)")
+    parser.add_argument("--rpc-timeout", type=parse_seconds, default=2.0,
+                        help="deadline of each poll (default 2 s)")
+    parser.add_argument("--load-timeout", type=parse_seconds, default=600.0,
+                        help="deadline of a RepositoryModelLoad/Unload (default 600 s)")
+    parser.add_argument("--repository-extension", choices=("auto", "triton", "none"), default="auto",
+                        help="load/unload assigned models with Triton's model repository extension: auto (when "
+                             "ServerMetadata lists 'model_repository'), triton (always), none (never; default auto)")
+    parser.add_argument("--metrics-url", default=None, metavar="URL",
+                        help="Prometheus endpoint with Triton's nv_inference_pending_request_count, for the "
+                             "record's queue depth (e.g. http://127.0.0.1:8002/metrics)")
+    parser.add_argument("--stop-grace", type=parse_seconds, default=30.0,
+                        help="with a server command: seconds it gets to exit after SIGTERM (default 30)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                        help="run this server command as a child (the local backend does), ended with the adapter")
+    parser.set_defaults(func=attach_command)
+
+
+def attach_command(args: argparse.Namespace) -> int:
+    from modelgw.process import exit_with_parent
+    from modelgw.runtimes.attach import attach
+
+    exit_with_parent()  # when a supervisor (the local reconciler) asked for it
+    if args.command[:1] == ["--"]:
+        args.command = args.command[1:]
+    try:
+        return asyncio.run(attach(args))
+    except OSError as exc:  # the server command cannot start
+        print(f"modelgw runtime attach: error: {exc}", file=sys.stderr, flush=True)
+        return 1
 
 
 def serve_command(args: argparse.Namespace) -> int:

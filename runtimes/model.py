@@ -19,6 +19,16 @@ along it and splits the outputs back. Input arrays may be read-only views of the
 bytes: copy before writing to them. predict may run in several threads at once (always
 without batching; with batching when max concurrent batches > 1): guard shared state.
 
+Two optional declarations feed the model configuration (Triton's ModelConfig) and its
+classification extension:
+
+        label_files = {"probs": "labels.txt"}   # output -> labels file, one label a line
+        input_formats = {"image": "NCHW"}       # input -> image layout (NCHW / NHWC)
+
+A client that asks for an output with `class_count` k gets its top k as BYTES
+"value:index:label" (labels from that file; relative paths are beside the model: next to
+its artifact, else to the class's source file), or "value:index" for an output without one.
+
 A streaming (decoupled) model implements `generate` instead of (or as well as) predict:
 an async or plain generator yielding one output dict per response.
 
@@ -108,6 +118,8 @@ class Model:
     outputs: Sequence[TensorSpec] = ()
     max_batch_size: int = 0
     status_message: str = ""  # set in load(): shown with READY in the endpoint record (e.g. the LLM engine chosen)
+    label_files: Mapping[str, str] = {}    # output name -> classification labels file (see the module docstring)
+    input_formats: Mapping[str, str] = {}  # input name -> "NCHW" | "NHWC" (image inputs)
 
     def __init__(
         self,

@@ -13,13 +13,18 @@
   unloaded; a changed URI or batching limit reloads the version. A load that fails stays
   FAILED, with its reason in the record, until its spec changes (no retry loop).
 - The record is rewritten when a model's state or the readiness changes, and, at most
-  once per `load_interval`, when the load figures change. If the lease is lost (etcd
+  once per `load_interval`, when the load figures change (an LLM replica with sequences
+  running or KV cache held: every `load_interval`, so that its figures are known fresh). If the lease is lost (etcd
   expired it: the replica could not reach etcd for longer than the TTL, or it was
   revoked) a new lease is granted and the record written again, under the same instance,
   as soon as etcd answers (the lease keeper tries every second while it is away).
 - A clean stop writes the record not ready before it revokes the lease, so that the
   gateway tells a replica leaving (dropped at once) from one whose record etcd expired
   during an outage (routed to while it keeps answering; see gateway.routing).
+
+What is registered is a `Registrant`: our RuntimeServer with its ModelRepository, or
+`modelgw runtime attach`'s view of an OIP server we did not write (runtimes.attach), so
+that both hold their records under leases the same way.
 """
 
 from __future__ import annotations
@@ -28,17 +33,19 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from modelgw.oip.protocol import UNLOADED_LABEL
 from modelgw.protos import registry_pb2 as rpb
 from modelgw.registry.errors import LeaseNotFoundError, RegistryError
 from modelgw.registry.leases import Lease
 from modelgw.registry.store import RegistryStore
 from modelgw.runtimes.errors import InferenceError, ModelLoadError
-from modelgw.runtimes.repository import ModelRepository, ModelState
-from modelgw.runtimes.server import RuntimeServer
+from modelgw.runtimes.repository import ModelLoad, ModelState, ModelStatus
 from modelgw.tasks import OutageLog, guard, stop_tasks
 
 log = logging.getLogger(__name__)
@@ -64,6 +71,8 @@ def assignments(specs: dict[str, rpb.ModelSpec]) -> dict[tuple[str, str], Assign
     """{(model, version): Assignment} for the model specs assigned to this runtime."""
     wanted = {}
     for spec in specs.values():
+        if spec.labels.get(UNLOADED_LABEL) == "true":
+            continue  # unloaded through the gateway's model repository API: none of its versions
         limits = spec.limits
         for version in spec.versions:
             wanted[(spec.name, version.version)] = Assignment(
@@ -74,11 +83,41 @@ def assignments(specs: dict[str, rpb.ModelSpec]) -> dict[tuple[str, str], Assign
     return wanted
 
 
+class Models(Protocol):
+    """The models a registrant serves: what the record lists, and how assigned models are
+    loaded and unloaded (runtimes.repository.ModelRepository is one)."""
+
+    def statuses(self) -> list[ModelStatus]: ...
+
+    def load_figures(self) -> list[ModelLoad]: ...
+
+    def watch(self) -> AsyncIterator[ModelStatus]: ...
+
+    async def load(
+        self, name: str, version: str, uri: str, *, max_batch_size: int | None, max_queue_delay: float | None
+    ) -> object: ...
+
+    async def unload(self, name: str, version: str) -> None: ...
+
+
+class Registrant(Protocol):
+    """A server with an endpoint record (runtimes.server.RuntimeServer is one)."""
+
+    @property
+    def repository(self) -> Models: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def address(self) -> str: ...
+
+
 class EndpointRegistration:
     def __init__(
         self,
         store: RegistryStore,
-        server: RuntimeServer,
+        server: Registrant,
         *,
         runtime: str,
         instance: str,
@@ -88,7 +127,7 @@ class EndpointRegistration:
     ) -> None:
         self.store = store
         self.server = server
-        self.repository: ModelRepository = server.repository
+        self.repository: Models = server.repository
         self.runtime = runtime
         self.instance = instance
         self.address = address or server.address
@@ -206,7 +245,11 @@ class EndpointRegistration:
                 for waiter in waits:
                     waiter.cancel()
             lease_lost = self.lease is None or not self.lease.alive
-            if not (self._dirty.is_set() or lease_lost or self._load_key(self.endpoint()) != self._last_load):
+            # an LLM replica at work (running sequences, KV cache held) rewrites its record
+            # every load_interval even when its figures stand still: the gateway takes
+            # figures older than that as stale (gateway.routing.llm_load)
+            busy = bool(self._last_load) and bool(self._last_load[3] or self._last_load[2])
+            if not (self._dirty.is_set() or lease_lost or busy or self._load_key(self.endpoint()) != self._last_load):
                 continue
             self._dirty.clear()
             try:

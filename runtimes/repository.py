@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from modelgw.errors import unknown_model_message, unknown_version_message
 from modelgw.runtimes.batching import BatchingConfig, DirectRunner, DynamicBatcher, Runner
 from modelgw.runtimes.errors import InferenceError, ModelLoadError, ModelNotFound, ModelNotReady
 from modelgw.runtimes.kinds import resolve_kind
@@ -165,15 +166,15 @@ class ModelRepository:
             if status is None:
                 known = self.versions(name, ready_only=False)
                 if known:
-                    return ModelNotFound(
-                        f"model '{name}' has no version '{version}'; versions: {', '.join(known)}"
-                    )
+                    return ModelNotFound(unknown_version_message(
+                        name, version, f"model '{name}' has no version '{version}'; versions: {', '.join(known)}"
+                    ))
         else:
             candidates = [s for (n, _), s in self._status.items() if n == name]
             status = candidates[-1] if candidates else None
         if status is None:
             served = ", ".join(sorted({n for n, _ in self._status})) or "none"
-            return ModelNotFound(f"model '{name}' is not served here; models served: {served}")
+            return ModelNotFound(unknown_model_message(name, f"model '{name}' is not served here; models served: {served}"))
         what = f"model '{name}' version '{status.version}'"
         if status.state is ModelState.FAILED:
             return ModelNotReady(f"{what} failed to load: {status.message}")

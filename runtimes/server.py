@@ -26,6 +26,14 @@ with one flagged response. A request that fails gets one response whose error_me
 "<gRPC status name>: <message>" (e.g. "INVALID_ARGUMENT: ...", the unary status's text after
 the name) and whose infer_response names the request (model_name, id); the stream stays open.
 
+Triton's extensions: ModelConfig (the configuration derived from what the model declares:
+datatypes, dims without the batch dim, max_batch_size, the dynamic batching settings in
+effect, image formats, labels files), ModelStatistics (per served version: counts and
+durations, runtimes/statistics.py), and classification: a requested output with the
+parameter `classification` = k is answered with its top k per batch row as BYTES
+"value:index[:label]", as Triton formats them; where that cannot apply (not a numeric
+output, k < 1) the request is refused with INVALID_ARGUMENT, never answered raw.
+
 Health: service "" and "inference.GRPCInferenceService" are SERVING while the server is
 ready; each model name is a service of its own, SERVING while a version of it is READY.
 """
@@ -33,12 +41,16 @@ ready; each model name is a service of its own, SERVING while a version of it is
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
@@ -47,11 +59,15 @@ from modelgw.errors import ErrorInterceptor, internal_message, stream_message
 from modelgw.keepalive import KEEPALIVE, Keepalive
 from modelgw.oip.codec import TensorError, add_output, decode_request_inputs, parameters_dict, set_parameter
 from modelgw.oip.protocol import ENABLE_EMPTY_FINAL_RESPONSE, FINAL_RESPONSE, MAX_MESSAGE_BYTES
+from modelgw.oip.triton import CLASSIFIABLE, CLASSIFICATION, config_data_type
 from modelgw.protos import inference_pb2 as pb
 from modelgw.protos import inference_pb2_grpc as pb_grpc
-from modelgw.runtimes.errors import InferenceError, InvalidInput
+from modelgw.runtimes.batching import QUEUE_SECONDS, DynamicBatcher
+from modelgw.runtimes.errors import InferenceError, InvalidInput, ModelLoadError
 from modelgw.runtimes.model import REQUEST_METADATA, Tensors
 from modelgw.runtimes.repository import ModelRepository, ModelState, ServedModel
+from modelgw.runtimes.statistics import Statistics
+from modelgw.runtimes.storage import local_path
 
 log = logging.getLogger(__name__)
 
@@ -70,26 +86,128 @@ def _parameters(request: pb.ModelInferRequest) -> Mapping[str, Any]:
     return {k: v for k, v in parameters_dict(request.parameters).items() if not k.startswith("triton_")}
 
 
-def _prepare(served: ServedModel, request: pb.ModelInferRequest) -> tuple[Tensors, Mapping[str, Any], tuple[str, ...], int]:
-    """Validate and decode a request: (inputs, parameters, output names, batch rows)."""
+Classes = Mapping[str, int]  # output name -> the k of its top-k classification
+_NO_CLASSES: Classes = MappingProxyType({})
+
+
+def _prepare(
+    served: ServedModel, request: pb.ModelInferRequest
+) -> tuple[Tensors, Mapping[str, Any], tuple[str, ...], int, Classes]:
+    """Validate and decode a request: (inputs, parameters, output names, batch rows,
+    classification outputs)."""
     rows = served.validator.check_inputs(request.inputs)
+    classes = _NO_CLASSES
     if request.outputs:
         names = tuple(o.name for o in request.outputs)
         served.validator.check_outputs(names)
+        if any(CLASSIFICATION in o.parameters for o in request.outputs):
+            classes = _classes(served, request)
     else:
         names = served.output_names
-    return decode_request_inputs(request), _parameters(request), names, rows
+    return decode_request_inputs(request), _parameters(request), names, rows, classes
 
 
-def _fill(response: pb.ModelInferResponse, served: ServedModel, outputs: Tensors, names: tuple[str, ...]) -> None:
-    """Add the wanted outputs as raw contents (all returned ones if the model declares none)."""
+def _classes(served: ServedModel, request: pb.ModelInferRequest) -> dict[str, int]:
+    """The outputs asked for as top-k classes; InvalidInput where that cannot apply."""
+    classes: dict[str, int] = {}
+    for output in request.outputs:
+        if CLASSIFICATION not in output.parameters:
+            continue
+        param = output.parameters[CLASSIFICATION]
+        kind = param.WhichOneof("parameter_choice")
+        k = getattr(param, kind) if kind in ("int64_param", "uint64_param") else None
+        if k is None or k < 1:
+            raise InvalidInput(
+                f"output '{output.name}': parameter '{CLASSIFICATION}' (class_count) must be an integer >= 1"
+            )
+        datatype = served.output_datatypes.get(output.name)
+        if datatype is not None and datatype not in CLASSIFIABLE:
+            raise InvalidInput(
+                f"output '{output.name}' of model '{served.name}' is {datatype}: class_count needs a numeric "
+                f"output ({', '.join(sorted(CLASSIFIABLE))}); class result not available for output due to "
+                f"unsupported type '{datatype}'"
+            )
+        classes[output.name] = int(k)
+    return classes
+
+
+def _label_path(served: ServedModel, filename: str) -> Path:
+    """A labels file named by a model: absolute, or beside the model (its artifact's
+    directory, else its class's source file's)."""
+    path = Path(filename)
+    if path.is_absolute():
+        return path
+    uri = served.model.uri  # the artifact as the model sees it (a python-kind class has none)
+    if uri:
+        try:
+            base = local_path(uri)
+            return (base if base.is_dir() else base.parent) / path
+        except (ModelLoadError, OSError):
+            pass  # not a local artifact: beside the class then
+    try:
+        return Path(inspect.getfile(type(served.model))).parent / path
+    except (OSError, TypeError):
+        return path
+
+
+_LABELS: dict[tuple[str, str, str, str], list[str]] = {}
+
+
+def _labels(served: ServedModel, output: str) -> list[str]:
+    """The classification labels of an output (empty when the model declares none)."""
+    filename = served.model.label_files.get(output)
+    if not filename:
+        return []
+    key = (served.name, served.version, served.uri, filename)
+    labels = _LABELS.get(key)
+    if labels is None:
+        path = _label_path(served, filename)
+        try:
+            labels = path.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise InferenceError(f"model '{served.name}': labels file of output '{output}' ({path}): {exc}") from exc
+        _LABELS[key] = labels
+    return labels
+
+
+def _top_k(served: ServedModel, name: str, array: np.ndarray, k: int) -> np.ndarray:
+    """Triton's classification of an output: per batch row (the whole tensor for a model
+    without batching), the k largest values as b"value:index[:label]", largest first;
+    values as C's %f for floats, integers as they are."""
+    if array.dtype.kind not in "iuf" or (array.dtype.kind == "f" and array.dtype.itemsize < 4):  # FP16: as Triton
+        raise InvalidInput(
+            f"output '{name}' of model '{served.name}' is {array.dtype}: class result not available for "
+            "output due to unsupported type"
+        )
+    batched = served.metadata.max_batch_size > 0 and array.ndim > 0
+    rows = array.reshape(array.shape[0], -1) if batched else array.reshape(1, -1)
+    labels = _labels(served, name)
+    count = min(k, rows.shape[1])
+    out = np.empty((rows.shape[0], count), dtype=object)
+    for r, row in enumerate(rows):
+        order = np.argsort(-row.astype(np.float64), kind="stable")[:count]
+        for c, index in enumerate(order):
+            value = row[index]
+            text = f"{value:f}" if array.dtype.kind == "f" else str(int(value))
+            entry = f"{text}:{index}" + (f":{labels[index]}" if index < len(labels) else "")
+            out[r, c] = entry.encode("utf-8")
+    return out if batched else out.reshape(count)
+
+
+def _fill(response: pb.ModelInferResponse, served: ServedModel, outputs: Tensors, names: tuple[str, ...],
+          classes: Classes = _NO_CLASSES) -> None:
+    """Add the wanted outputs as raw contents (all returned ones if the model declares none),
+    those asked for as classes as their top k."""
     datatypes = served.output_datatypes
     for name in names or outputs:
         array = outputs.get(name)
         if array is None:
             raise InferenceError(f"model '{served.name}' returned no output '{name}'")
+        datatype = datatypes.get(name)
+        if name in classes:
+            array, datatype = _top_k(served, name, np.asarray(array), classes[name]), "BYTES"
         try:
-            add_output(response, name, array, datatypes.get(name))
+            add_output(response, name, array, datatype)
         except (TensorError, TypeError, ValueError) as exc:
             raise InferenceError(f"model '{served.name}' returned a bad output '{name}': {exc}") from exc
     _set_response_parameters(response, outputs)
@@ -105,14 +223,14 @@ def _set_response_parameters(response: pb.ModelInferResponse, outputs: Tensors |
 
 
 def _stream_response(served: ServedModel, request: pb.ModelInferRequest, outputs: Tensors | None,
-                     names: tuple[str, ...], final: bool) -> pb.ModelStreamInferResponse:
+                     names: tuple[str, ...], final: bool, classes: Classes = _NO_CLASSES) -> pb.ModelStreamInferResponse:
     message = pb.ModelStreamInferResponse()
     response = message.infer_response
     response.model_name = served.name
     response.model_version = served.version
     response.id = request.id
     if outputs is not None:
-        _fill(response, served, outputs, names)
+        _fill(response, served, outputs, names, classes)
     response.parameters[FINAL_RESPONSE].bool_param = final
     return message
 
@@ -126,12 +244,38 @@ def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStream
     return response
 
 
+def model_config(served: ServedModel, backend: str) -> pb.ModelConfig:
+    """Triton's ModelConfig of a served version, from what it declares and how it is served:
+    dims leave out the batch dim when max_batch_size > 0 (as Triton's do); the dynamic
+    batching settings are the batcher's in effect (the registry's limits or the model's)."""
+    metadata = served.metadata
+    model = served.model
+    batch = metadata.max_batch_size > 0
+    config = pb.ModelConfig(name=served.name, platform=metadata.platform, backend=backend,
+                            max_batch_size=metadata.max_batch_size)
+    known = pb.ModelInput.Format.DESCRIPTOR.values_by_name
+    formats = {k: known[f"FORMAT_{v.upper()}"].number for k, v in model.input_formats.items() if f"FORMAT_{v.upper()}" in known}
+    for spec in metadata.inputs:
+        config.input.add(
+            name=spec.name, data_type=config_data_type(spec.datatype), format=formats.get(spec.name, 0),
+            dims=spec.shape[1:] if batch else spec.shape, optional=spec.optional,
+        )
+    for spec in metadata.outputs:
+        label = model.label_files.get(spec.name, "")
+        config.output.add(name=spec.name, data_type=config_data_type(spec.datatype),
+                          dims=spec.shape[1:] if batch else spec.shape, label_filename=Path(label).name if label else "")
+    if isinstance(served.runner, DynamicBatcher):
+        config.dynamic_batching.max_queue_delay_microseconds = int(served.runner.config.max_queue_delay * 1e6)
+    return config
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The OIP RPCs over a repository. `ready` is the server's readiness flag."""
 
     def __init__(self, repository: ModelRepository, name: str = "modelgw") -> None:
         self.repository = repository
         self.ready = False
+        self.statistics = Statistics()
         self._metadata = pb.ServerMetadataResponse(name=name, version=modelgw.__version__)
         self._live = pb.ServerLiveResponse(live=True)
 
@@ -163,17 +307,40 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in metadata.outputs],
         )
 
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        return pb.ModelConfigResponse(config=model_config(self.repository.get(request.name, request.version),
+                                                          self.repository.kind))
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        """Every served version's figures; one model's (all its versions, or one) when named."""
+        if request.name:
+            self.repository.get(request.name, request.version)  # NOT_FOUND / UNAVAILABLE as for inference
+        served = [s for s in self.repository.served()
+                  if (not request.name or s.name == request.name) and (not request.version or s.version == request.version)]
+        return pb.ModelStatisticsResponse(model_stats=[self.statistics.message(s) for s in served])
+
     # -- inference
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         REQUEST_METADATA.set(context.invocation_metadata() or ())  # for request_metadata() in predict
         served = self.repository.get(request.model_name, request.model_version)
-        if not served.can_predict:
-            raise InvalidInput(f"model '{served.name}' streams its responses; call ModelStreamInfer")
-        inputs, parameters, names, rows = _prepare(served, request)
-        outputs = await self._predict(served, inputs, parameters, rows)
-        response = pb.ModelInferResponse(model_name=served.name, model_version=served.version, id=request.id)
-        _fill(response, served, outputs, names)
+        stats = self.statistics.of(served.name, served.version)
+        started = time.perf_counter()
+        try:
+            if not served.can_predict:
+                raise InvalidInput(f"model '{served.name}' streams its responses; call ModelStreamInfer")
+            inputs, parameters, names, rows, classes = _prepare(served, request)
+            prepared = time.perf_counter()
+            outputs = await self._predict(served, inputs, parameters, rows)
+            predicted = time.perf_counter()
+            response = pb.ModelInferResponse(model_name=served.name, model_version=served.version, id=request.id)
+            _fill(response, served, outputs, names, classes)
+        except BaseException:
+            stats.failed(time.perf_counter() - started)
+            raise
+        done = time.perf_counter()
+        queue = QUEUE_SECONDS.get() if not served.async_predict else 0.0
+        stats.succeeded(rows, done - started, queue, prepared - started, predicted - prepared - queue, done - predicted)
         return response
 
     async def ModelStreamInfer(
@@ -213,12 +380,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _answer_on_stream(self, request: pb.ModelInferRequest,
                                 emit: Callable[[pb.ModelStreamInferResponse], None]) -> None:
+        stats = None
+        started = time.perf_counter()
         try:
             served = self.repository.get(request.model_name, request.model_version)
-            inputs, parameters, names, rows = _prepare(served, request)
+            stats = self.statistics.of(served.name, served.version)
+            inputs, parameters, names, rows, classes = _prepare(served, request)
+            prepared = time.perf_counter()
             if not served.streaming:
                 outputs = await self._predict(served, inputs, parameters, rows)
-                emit(_stream_response(served, request, outputs, names, final=True))
+                predicted = time.perf_counter()
+                emit(_stream_response(served, request, outputs, names, final=True, classes=classes))
+                done = time.perf_counter()
+                queue = QUEUE_SECONDS.get() if not served.async_predict else 0.0
+                stats.succeeded(rows, done - started, queue, prepared - started, predicted - prepared - queue,
+                                done - predicted)
                 return
             empty_final = (request.parameters[ENABLE_EMPTY_FINAL_RESPONSE].bool_param
                            if ENABLE_EMPTY_FINAL_RESPONSE in request.parameters else False)
@@ -227,22 +403,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 held: Tensors | None = None
                 async for outputs in self._generate(served, inputs, parameters):
                     if empty_final:
-                        emit(_stream_response(served, request, outputs, names, final=False))
+                        emit(_stream_response(served, request, outputs, names, final=False, classes=classes))
                     else:
                         if held is not None:
-                            emit(_stream_response(served, request, held, names, final=False))
+                            emit(_stream_response(served, request, held, names, final=False, classes=classes))
                     held = outputs
-                final = _stream_response(served, request, None if empty_final else held, names, final=True)
+                final = _stream_response(served, request, None if empty_final else held, names, final=True,
+                                         classes=classes)
                 if empty_final:  # the final response carries the last one's parameters too
                     _set_response_parameters(final.infer_response, held)
                 emit(final)
+                done = time.perf_counter()
+                stats.executions += 1
+                stats.succeeded(rows, done - started, 0.0, prepared - started, done - prepared, 0.0)
             finally:
                 served.streams -= 1
         except (InferenceError, TensorError) as exc:
+            if stats is not None:
+                stats.failed(time.perf_counter() - started)
             emit(_stream_error(request, stream_message(exc.code, str(exc))))
         except asyncio.CancelledError:
+            if stats is not None:
+                stats.failed(time.perf_counter() - started)
             raise
         except Exception as exc:
+            if stats is not None:
+                stats.failed(time.perf_counter() - started)
             log.exception("stream request for model '%s' failed", request.model_name)
             emit(_stream_error(request, stream_message(grpc.StatusCode.INTERNAL, internal_message(exc))))
 
@@ -258,6 +444,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         event loop, unbatched; counted like a stream while it runs. If the call is
         cancelled, so is the predict coroutine."""
         served.streams += 1
+        self.statistics.of(served.name, served.version).executions += 1  # no runner counts these
         try:
             outputs = await served.model.predict(inputs, parameters)
         except (InferenceError, asyncio.CancelledError):

@@ -1,4 +1,4 @@
-"""Shared fixtures: a real etcd on a free loopback port, ports, and process helpers."""
+"""Shared fixtures: a real etcd on a free loopback port, ports, process helpers, and torch on one thread."""
 
 from __future__ import annotations
 
@@ -38,6 +38,18 @@ def etcd(tmp_path: Path) -> Iterator[LocalEtcd]:
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """torch on one intra-op thread for a module's tests (`pytestmark = pytest.mark.usefixtures(...)`):
+    the test machines' cores are shared, and tiny models gain nothing from more."""
+    import torch  # here, not at the top: most test modules never load torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def modelgw_command(*args: str) -> list[str]:

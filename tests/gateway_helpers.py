@@ -53,9 +53,12 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
 class GatewayProcess:
     """`modelgw gateway` on free loopback ports, ready once it has read the registry."""
 
-    def __init__(self, etcd: str, prefix: str, log: Path, *extra: str, timeout: float = 60.0) -> None:
-        self.grpc_port = free_port()
-        self.http_port = free_port()
+    def __init__(
+        self, etcd: str, prefix: str, log: Path, *extra: str, timeout: float = 60.0,
+        grpc_port: int | None = None, http_port: int | None = None,
+    ) -> None:
+        self.grpc_port = grpc_port or free_port()
+        self.http_port = http_port or free_port()
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.http_url = f"127.0.0.1:{self.http_port}"
         self.base = f"http://{self.http_url}"
@@ -144,8 +147,9 @@ class Fleet:
         self.replicas.append(replica)
         return replica
 
-    def gateway(self, *extra: str) -> GatewayProcess:
-        gateway = GatewayProcess(self.etcd, self.prefix, self.logs / f"gateway-{len(self.gateways)}.log", *extra)
+    def gateway(self, *extra: str, grpc_port: int | None = None, http_port: int | None = None) -> GatewayProcess:
+        log = self.logs / f"gateway-{len(self.gateways)}.log"
+        gateway = GatewayProcess(self.etcd, self.prefix, log, *extra, grpc_port=grpc_port, http_port=http_port)
         self.gateways.append(gateway)
         return gateway
 

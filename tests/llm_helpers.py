@@ -12,7 +12,7 @@ import torch
 
 from modelgw.runtimes.llm.checkpoint import Checkpoint
 from modelgw.runtimes.llm.engine import EngineConfig, GenerationRequest, TorchEngine
-from modelgw.runtimes.llm.make_checkpoint import write_tokenizer
+from modelgw.runtimes.llm.make_checkpoint import make_checkpoint, write_tokenizer
 from modelgw.runtimes.llm.sampling import SamplingParams
 
 TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
@@ -31,6 +31,13 @@ PROMPTS = [
     "It is sunny",
 ]
 MAX_TOKENS = [20, 5, 33, 12, 8, 27, 16, 40]
+
+
+def tiny_checkpoint(directory: Path, **overrides: Any) -> Path:
+    """`make_checkpoint` of the tests' usual tiny Llama (2 layers, hidden 64, 4 heads / 2 KV
+    heads, vocab 512), with `overrides` of its arguments."""
+    return make_checkpoint(directory, **{"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "vocab": 512,
+                                         **overrides})
 
 
 def save_hf_checkpoint(directory: Path, family: str = "llama", seed: int = 0, **overrides: Any) -> Path:

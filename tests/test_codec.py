@@ -538,6 +538,11 @@ def triton_bytes_arrays(draw: st.DrawFn) -> np.ndarray:
     return array.reshape(shape)
 
 
+def triton_bf16(array: np.ndarray) -> np.ndarray:
+    """A BF16 tensor as tritonclient users build it: an ml_dtypes.bfloat16 array."""
+    return np.asarray(array, dtype=triton_utils.triton_to_np_dtype("BF16"))
+
+
 def triton_serialized(array_of_bytes: np.ndarray) -> bytes:
     """tritonclient returns a 0-d object array holding the bytes, or an empty array."""
     return array_of_bytes.item() if array_of_bytes.size else b""
@@ -555,10 +560,11 @@ def test_bytes_serialization_matches_tritonclient(array: np.ndarray) -> None:
 
 @given(array=hnp.arrays(np.dtype(np.float32), shapes))
 def test_bf16_decoding_reads_tritonclient_serialization(array: np.ndarray) -> None:
-    # tritonclient truncates float32 to bf16 (we round); its bytes must decode to its values.
-    theirs = triton_serialized(triton_utils.serialize_bf16_tensor(array))
+    # tritonclient (since 2.6x) sends BF16 as ml_dtypes.bfloat16 arrays' bytes; they must
+    # decode to the values it reads back from them.
+    theirs = triton_bf16(array).tobytes()
     decoded = codec.decode_raw(NAME, "BF16", array.shape, theirs)
-    expected = triton_utils.deserialize_bf16_tensor(theirs).reshape(array.shape)
+    expected = np.frombuffer(theirs, dtype=triton_utils.triton_to_np_dtype("BF16")).reshape(array.shape)
     assert same_values(decoded, expected.astype(np.float32))
 
 
@@ -573,7 +579,7 @@ def test_bf16_encoding_matches_tritonclient_for_bf16_values(bits: np.ndarray) ->
     # For values that bf16 holds exactly (NaN aside), rounding and truncation agree.
     values = torch_bf16_to_float(bits).reshape(bits.shape)
     ours = codec.encode_raw(NAME, values, "BF16")
-    assert ours == triton_serialized(triton_utils.serialize_bf16_tensor(values))
+    assert ours == triton_bf16(values).tobytes()
 
 
 @st.composite
@@ -584,7 +590,7 @@ def triton_inputs(draw: st.DrawFn) -> list[tuple[str, str, np.ndarray]]:
         if datatype == "BYTES":
             array = draw(bytes_arrays())
         elif datatype == "BF16":
-            array = draw(hnp.arrays(np.dtype(np.float32), shapes))
+            array = triton_bf16(draw(hnp.arrays(np.dtype(np.float32), shapes)))
         else:
             array = draw(fixed_arrays(datatype))
         inputs.append((f"in_{datatype.lower()}", datatype, array))
@@ -617,11 +623,7 @@ def test_tritonclient_requests_decode(inputs: list[tuple[str, str, np.ndarray]])
     assert list(decoded) == [name for name, _, _ in inputs]
     for name, datatype, array in inputs:
         if datatype == "BF16":
-            # tritonclient truncates to bf16: compare with its own reading of its bytes.
-            raw = triton_serialized(triton_utils.serialize_bf16_tensor(array))
-            expected = (
-                triton_utils.deserialize_bf16_tensor(raw).astype(np.float32).reshape(array.shape)
-            )
+            expected = array.astype(np.float32)  # the bfloat16 values the client sent
         else:
             expected = array
         assert same_values(decoded[name], expected), name

@@ -43,6 +43,7 @@ DEPLOYMENTS = kmock.resource("apps", "v1", "deployments")
 SERVICES = kmock.resource("", "v1", "services")
 PDBS = kmock.resource("policy", "v1", "poddisruptionbudgets")
 PODS = kmock.resource("", "v1", "pods")
+JOBS = kmock.resource("batch", "v1", "jobs")  # the core's passes read jobs too (test_kube_jobs_streams)
 
 
 @attrs.define(kw_only=True)
@@ -77,7 +78,7 @@ class Emulator(kmock.KubernetesEmulator):
 @pytest.fixture
 async def emulator() -> AsyncIterator[tuple[Emulator, k8s.ApiClient]]:
     async with Emulator() as emulator, kmock.Server(emulator) as server:
-        for resource in (DEPLOYMENTS, SERVICES, PDBS, PODS):
+        for resource in (DEPLOYMENTS, SERVICES, PDBS, PODS, JOBS):
             emulator.resources[resource] = {}
         api = k8s.ApiClient(k8s.Configuration(host=str(server.url).rstrip("/")))
         try:

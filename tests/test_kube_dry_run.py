@@ -154,3 +154,61 @@ def test_no_cluster_to_talk_to_is_one_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert "modelgw reconcile: error: no Kubernetes API to talk to" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+NIGHTLY = {"name": "nightly", "model": {"model": "resnet", "gateway": "gateway.serving.svc:8001",
+                                        "token_secret": "scoring-token/token"},
+           "input_uri": "pvc://tables/in/day.parquet", "output_uri": "pvc://scores/out/day", "backoff_limit": 3,
+           "resources": {"cpu": "2", "memory": "4Gi"}}
+CLICKS = {"name": "clicks", "replicas": 2, "model": {"model": "resnet", "token_secret": "scoring-token/token"},
+          "source": {"broker": "KAFKA", "servers": ["kafka.data.svc:9092"], "topic": "clicks", "group": "scorer"},
+          "sink": {"topic": "scores"}, "dead_letter": {"topic": "clicks-dead"}}
+
+
+async def test_dry_run_prints_a_job_and_a_deployment_for_jobs_and_streams(etcd_server, etcd_prefix: str,
+                                                                          tmp_path: Path) -> None:
+    async with RegistryStore(etcd_server.endpoint, prefix=etcd_prefix) as store:
+        await register(store, [CPU], [RESNET])
+        await store.apply_job(codec.from_dict(NIGHTLY, rpb.JobSpec, "test"))
+        await store.apply_stream(codec.from_dict(CLICKS, rpb.StreamSpec, "test"))
+        # a finished job is left alone by the backend: nothing of it is printed
+        done = codec.from_dict({**NIGHTLY, "name": "yesterday"}, rpb.JobSpec, "test")
+        await store.apply_job(done)
+        await store.update_job_status("yesterday", lambda s: setattr(s, "phase", rpb.JobStatus.SUCCEEDED))
+        revision_before = (await store.list_jobs()).revision
+        result = dry_run(etcd_server.endpoint, etcd_prefix, "--pod-etcd", "etcd.serving.svc:2379")
+        assert result.returncode == 0, result.stderr
+        documents = [d for d in yaml.safe_load_all(result.stdout) if d is not None]
+        assert [(d["kind"], d["metadata"]["name"]) for d in documents] == [
+            ("Deployment", "runtime-vision"), ("Service", "runtime-vision"),
+            ("Job", "job-nightly"), ("Deployment", "stream-clicks"),
+        ]
+        for document in documents:
+            assert kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True) == "1.30"
+        objects = by_kind_and_name(documents)
+        nightly = objects["Job", "job-nightly"]
+        assert nightly["spec"]["backoffLimit"] == 3 and nightly["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+        command = nightly["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert command[command.index("--etcd") + 1] == "etcd.serving.svc:2379"
+        assert objects["Deployment", "stream-clicks"]["spec"]["replicas"] == 2
+        assert (await store.list_jobs()).revision == revision_before  # nothing written
+
+        # the operator's check: the whole output through kubernetes-validate's own CLI
+        cli = Path(sys.executable).parent / "kubernetes-validate"
+        if cli.exists():
+            output = tmp_path / "objects.yaml"
+            output.write_text(result.stdout)
+            checked = validate_with_cli(cli, output)
+            assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+async def test_a_job_that_cannot_run_in_a_pod_is_named(etcd_server, etcd_prefix: str) -> None:
+    async with RegistryStore(etcd_server.endpoint, prefix=etcd_prefix) as store:
+        await register(store, [CPU], [RESNET])
+        await store.apply_job(codec.from_dict({**NIGHTLY, "output_uri": "/data/out"}, rpb.JobSpec, "test"))
+        await store.apply_stream(codec.from_dict(CLICKS, rpb.StreamSpec, "test"))
+    result = dry_run(etcd_server.endpoint, etcd_prefix)
+    assert result.returncode == 1, result.stderr
+    assert "jobs/nightly cannot run" in result.stderr and "output_uri" in result.stderr, result.stderr
+    documents = [d for d in yaml.safe_load_all(result.stdout) if d is not None]
+    assert {d["metadata"]["name"] for d in documents} == {"runtime-vision", "stream-clicks"}

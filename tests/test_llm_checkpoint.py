@@ -10,27 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from llm_helpers import greedy, make_engine, run, save_hf_checkpoint
+from llm_helpers import greedy, make_engine, run, save_hf_checkpoint, tiny_checkpoint
 
 from modelgw.runtimes.errors import ModelLoadError
 from modelgw.runtimes.llm.checkpoint import Checkpoint, parse_config
 from modelgw.runtimes.llm.engine import GenerationRequest
-from modelgw.runtimes.llm.make_checkpoint import make_checkpoint
 from modelgw.runtimes.llm.model import rope_tables
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("made") / "tiny", layers=2, hidden=64, heads=4, kv_heads=2,
-                           vocab=600, seed=5)
+    return tiny_checkpoint(tmp_path_factory.mktemp("made") / "tiny", vocab=600, seed=5)
 
 
 def test_made_checkpoint_reads_the_same_in_transformers(made: Path) -> None:
@@ -60,10 +52,10 @@ def test_made_checkpoint_reads_the_same_in_transformers(made: Path) -> None:
 
 
 def test_same_seed_same_checkpoint(made: Path, tmp_path: Path) -> None:
-    again = make_checkpoint(tmp_path / "again", layers=2, hidden=64, heads=4, kv_heads=2, vocab=600, seed=5)
+    again = tiny_checkpoint(tmp_path / "again", vocab=600, seed=5)
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (again / name).read_bytes() == (made / name).read_bytes(), name
-    other = make_checkpoint(tmp_path / "other", layers=2, hidden=64, heads=4, kv_heads=2, vocab=600, seed=6)
+    other = tiny_checkpoint(tmp_path / "other", vocab=600, seed=6)
     assert (other / "model.safetensors").read_bytes() != (made / "model.safetensors").read_bytes()
 
 

@@ -41,12 +41,7 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -96,6 +91,28 @@ def test_greedy_batched_matches_transformers(case) -> None:
     results = run(engine, _requests(prompt_ids))
     _check_against_reference(results, references)
     assert engine.figures() == type(engine.figures())(0, 0, 0.0)
+
+
+def test_greedy_batched_in_small_decode_chunks_matches_transformers(case) -> None:
+    """The same batch with decode rows split into many chunks of similar length (a tiny
+    model's rows otherwise fit one): rows reordered by length, per-chunk padding and masks,
+    and every sampled token back to its own request."""
+    directory, prompt_ids, references = case
+    engine = make_engine(directory, max_num_seqs=8, max_num_batched_tokens=24, block_size=8)
+    engine.runner.decode_chunk_blocks = 3
+    build = engine.runner.build
+    chunked = []
+
+    def spy(step):
+        batch = build(step)
+        chunked.append(batch)
+        return batch
+
+    engine.runner.build = spy  # type: ignore[method-assign]  # a spy that keeps the real build's batches
+    results = run(engine, _requests(prompt_ids))
+    _check_against_reference(results, references)
+    assert max(len(batch.chunks) for batch in chunked) >= 4
+    assert any(c.mask is not None for batch in chunked for c in batch.chunks)
 
 
 def test_prompt_logits_match_transformers(case) -> None:

@@ -9,31 +9,23 @@ import pickle
 from pathlib import Path
 
 import pytest
-import torch
-from llm_helpers import Result, greedy, make_engine, run
+from llm_helpers import Result, greedy, make_engine, run, tiny_checkpoint
 
 from modelgw.runtimes.llm.async_engine import AsyncEngine
 from modelgw.runtimes.llm.checkpoint import Checkpoint
 from modelgw.runtimes.llm.detokenizer import TextStream
 from modelgw.runtimes.llm.engine import GenerationRequest
 from modelgw.runtimes.llm.kv_cache import BlockPool
-from modelgw.runtimes.llm.make_checkpoint import make_checkpoint
 from modelgw.runtimes.llm.sampling import SampleResult, SamplingParams
 from modelgw.runtimes.llm.scheduler import QueueFull, Scheduler, SchedulerConfig
 from modelgw.runtimes.llm.sequence import Sequence
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("tiny"), layers=2, hidden=64, heads=4, kv_heads=2, vocab=512)
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

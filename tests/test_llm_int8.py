@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from llm_helpers import PROMPTS, greedy, run
+from llm_helpers import PROMPTS, greedy, run, tiny_checkpoint
 
 from modelgw.runtimes.errors import ModelLoadError
 from modelgw.runtimes.llm.checkpoint import Checkpoint
 from modelgw.runtimes.llm.engine import EngineConfig, GenerationRequest, Platform, TorchEngine, choose_engine
 from modelgw.runtimes.llm.kv_cache import KVCache
-from modelgw.runtimes.llm.make_checkpoint import make_checkpoint
 from modelgw.runtimes.llm.model import Decoder, PrefillSpan, StepBatch
 from modelgw.runtimes.llm.quantization import Int8Weight, quantize_int8
 from modelgw.runtimes.repository import ModelRepository
@@ -26,17 +25,12 @@ NO_GPU = Platform(gpu_name=None, tensorrt_version=None, tensorrt_missing="no ten
 GPU_AND_TRT = Platform(gpu_name="NVIDIA H200", tensorrt_version="10.15.1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("tiny"), layers=2, hidden=128, heads=4, kv_heads=2, vocab=512)
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"), hidden=128)
 
 
 def engine(checkpoint: Path, quantization: str = "none") -> TorchEngine:

@@ -148,7 +148,12 @@ def test_message_matches_tritonclient(message: Descriptor) -> None:
     theirs = triton_pb.DESCRIPTOR.pool.FindMessageTypeByName(message.full_name)
     ours_fields = {f.number: field_facts(f) for f in message.fields}
     their_fields = {f.number: field_facts(f) for f in theirs.fields}
-    assert ours_fields == their_fields
+    if theirs.file.name.endswith("model_config.proto"):
+        # Triton's ModelConfig tree is declared in part (the fields modelgw fills): each
+        # field we declare is theirs exactly, and a client skips none it needs
+        assert {n: their_fields.get(n) for n in ours_fields} == ours_fields
+    else:
+        assert ours_fields == their_fields
     assert [o.name for o in message.oneofs] == [o.name for o in theirs.oneofs]
     assert message.GetOptions().map_entry == theirs.GetOptions().map_entry
 

@@ -144,6 +144,24 @@ async def test_batch_failure_fails_that_batch_only(executor) -> None:
     await batcher.close()
 
 
+async def test_a_request_that_fails_a_merged_batch_fails_alone(executor) -> None:
+    def predict(inputs, parameters):
+        if (inputs["x"] < 0).any():
+            raise ValueError("negative input")
+        return {"y": inputs["x"] * 2}
+
+    batcher = DynamicBatcher("m", predict, executor, BatchingConfig(max_batch_size=16, max_queue_delay=0.5))
+    values = [1.0, -1.0, 2.0, 3.0]
+    tasks = [asyncio.create_task(batcher.submit({"x": np.full((1, 2), v, np.float32)}, {}, 1)) for v in values]
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[1], InferenceError) and "negative input" in str(results[1])
+    for value, result in zip(values, results, strict=True):
+        if value >= 0:
+            assert not isinstance(result, BaseException), result
+            assert result["y"].tolist() == [[value * 2, value * 2]]
+    await batcher.close()
+
+
 async def test_batcher_reports_a_model_that_breaks_the_batch_dimension(executor) -> None:
     def predict(inputs, parameters):
         return {"y": inputs["x"][:1]}  # one row, whatever the batch

@@ -32,6 +32,7 @@ from modelgw.gateway.auth.keys import IssuerKeys
 from modelgw.gateway.auth.policy import OPEN, ModelPolicy, Refusal, admin_refusal
 from modelgw.gateway.auth.tokens import InvalidToken, Principal, TokenVerifier
 from modelgw.gateway.errors import GatewayError
+from modelgw.gateway.limits import CALLER_CLAIMS
 from modelgw.gateway.routing import RoutingTable
 from modelgw.protos import registry_pb2 as rpb
 
@@ -214,6 +215,8 @@ class Authenticator:
         model), or AuthError."""
         policy = self._policy(model)
         principal = await self._principal(values, path, model)
+        # who asks, for the per-tenant limits the proxy applies (gateway/limits.py)
+        CALLER_CLAIMS.set(principal.claims if principal is not None else None)
         if principal is None:
             if policy.public:
                 log.debug("allow %s %s subject=- (public model)", path, model)

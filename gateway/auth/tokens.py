@@ -19,7 +19,8 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import quote
 
@@ -46,6 +47,8 @@ class Principal:
     valid_until: float  # epoch seconds: exp + leeway, when verification would start refusing it
     key_id: str
     header_value: str  # the subject as it travels in gRPC metadata (x-modelgw-subject)
+    # every claim of the verified token (read-only), e.g. the tenant claim of per-tenant limits
+    claims: Mapping[str, Any] = field(default_factory=dict)
 
 
 def metadata_safe(subject: str) -> str:
@@ -287,6 +290,7 @@ class TokenVerifier:
             valid_until=read.expires + config.leeway_seconds,
             key_id=kid if isinstance(kid, str) else "",
             header_value=metadata_safe(read.subject),
+            claims=MappingProxyType(dict(unverified)),  # the signature just verified covers them
         )
 
     async def _key(self, config: IssuerConfig, kid: Any, alg: str) -> jwt.PyJWK:

@@ -39,7 +39,7 @@ from modelgw.gateway.openai.parsing import (
     parse_completion,
 )
 from modelgw.gateway.openai.rendering import CallInfo, ChunkRenderer, Piece, completion_body, read_piece
-from modelgw.gateway.proxy import Proxy
+from modelgw.gateway.proxy import Admission, Proxy
 from modelgw.gateway.rest_frontend import RestAuthorizer
 from modelgw.gateway.routing import ModelRoute
 from modelgw.oip.protocol import REQUEST_ID_HEADER, SESSION_HEADER
@@ -219,19 +219,20 @@ class OpenAIApi:
             watcher = asyncio.create_task(_watch_disconnect(request, upstream.cancel))
             try:
                 try:
+                    stream.request_sent(message.id)
                     await upstream.write(message.SerializeToString())
                     await upstream.done_writing()
                 except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
                     pass  # the call failed already: reading it below says how
                 # the first piece before the headers: a refused request is still a plain HTTP error
-                piece = await _next_piece(upstream)
+                piece = await _next_piece(stream)
                 response = web.StreamResponse(headers={**SSE_HEADERS, REQUEST_ID_HEADER: request_id})
                 await response.prepare(request)
                 chunks = ChunkRenderer(info, call.include_usage)
                 await _send(response, chunks.start())
                 while not piece.final:
                     await _send(response, chunks.delta(piece))
-                    piece = await _next_piece(upstream)
+                    piece = await _next_piece(stream)
                 await _send(response, chunks.finish(piece))
                 await _send(response, chunks.usage(piece))
                 await response.write(DONE)
@@ -263,8 +264,10 @@ async def _send(response: web.StreamResponse, chunk: dict[str, Any] | None) -> N
         await response.write(_sse(chunk))
 
 
-async def _next_piece(call: grpc.aio.StreamStreamCall) -> Piece:
-    """The next response of a one-request stream, or the GatewayError it carries."""
+async def _next_piece(stream: Admission) -> Piece:
+    """The next response of a one-request stream, or the GatewayError it carries; counted
+    by the admission (tokens, TTFT, inter-token latency, usage)."""
+    call = stream.call
     try:
         raw = await call.read()
     except grpc.aio.AioRpcError as err:
@@ -273,5 +276,11 @@ async def _next_piece(call: grpc.aio.StreamStreamCall) -> Piece:
         raise GatewayError(grpc.StatusCode.UNAVAILABLE, "the runtime ended the stream before the answer was complete")
     response = pb.ModelStreamInferResponse.FromString(raw)
     if response.error_message:
+        stream.generation_piece(response.infer_response.id, 0, True, 0, 0)
         raise stream_error(response.error_message)
-    return read_piece(response.infer_response)
+    piece = read_piece(response.infer_response)
+    stream.generation_piece(
+        response.infer_response.id, len(piece.token_ids), piece.final, piece.prompt_tokens or 0,
+        piece.completion_tokens or 0,
+    )
+    return piece

@@ -42,9 +42,11 @@ class InvalidRequest(GatewayError):
         self.openai_code = code
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    kind, default_code = _KINDS.get(status, ("server_error", "internal_error"))
-    return {"error": {"message": message, "type": kind, "param": param, "code": code or default_code}}
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None, kind: str | None = None
+) -> dict[str, Any]:
+    default_kind, default_code = _KINDS.get(status, ("server_error", "internal_error"))
+    return {"error": {"message": message, "type": kind or default_kind, "param": param, "code": code or default_code}}
 
 
 # The runtime's messages start with the parameter they refuse ("temperature must be >= 0,
@@ -65,7 +67,9 @@ def describe(err: GatewayError) -> tuple[int, dict[str, Any]]:
             param = match.group(1)
     if status == 404:
         param = param or "model"
-    return status, error_body(status, err.message, param, code)
+    # a per-tenant limit (gateway/limits.py) names what ran out, "requests" or "tokens", as
+    # OpenAI's own 429s do
+    return status, error_body(status, err.message, param, code, getattr(err, "openai_type", None))
 
 
 def openai_error_body(request: web.Request, failure: Failure) -> web.Response:

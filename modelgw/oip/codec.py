@@ -271,6 +271,15 @@ def decode_contents(
 def decode_request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     """Every input of a ModelInferRequest, by name, from raw or typed contents."""
     raw = request.raw_input_contents
+    if raw:
+        for tensor in request.inputs:
+            if tensor.HasField("contents") and tensor.contents.ByteSize():
+                # Triton's words first: its clients match on them
+                raise TensorError(
+                    tensor.name,
+                    f"contents field must not be specified when using raw_input_contents for '{tensor.name}' "
+                    f"for model '{request.model_name}' (both contents and raw_input_contents were set)",
+                )
     if raw and len(raw) != len(request.inputs):
         raise TensorError(
             "*",
@@ -282,8 +291,6 @@ def decode_request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray
         if tensor.name in inputs:
             raise TensorError(tensor.name, "input given more than once")
         if raw:
-            if tensor.HasField("contents") and tensor.contents.ByteSize():
-                raise TensorError(tensor.name, "both contents and raw_input_contents were set")
             inputs[tensor.name] = decode_raw(tensor.name, tensor.datatype, tensor.shape, raw[i])
         else:
             inputs[tensor.name] = decode_contents(

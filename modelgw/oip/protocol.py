@@ -9,7 +9,8 @@ imported by the gateway and the runtimes alike (neither imports the other for th
 - MAX_SHAPE_DIMS: the most dimensions a tensor's shape may have (see the comment there).
 - Triton's ModelStreamInfer parameter names (FINAL_RESPONSE, ENABLE_EMPTY_FINAL_RESPONSE).
 - EXTENSIONS: the protocol extensions the gateway reports in its server metadata (gRPC
-  ServerMetadata and REST GET /v2).
+  ServerMetadata and REST GET /v2); UNLOADED_LABEL: how the repository extension's unload
+  is written in the registry.
 - modelgw's header names: the ones a client may send, the one the gateway sets, and the
   ones that travel on to runtimes as they came. All lower-case, as gRPC metadata keys are
   (HTTP header lookups are case-insensitive, so the same names serve REST).
@@ -39,8 +40,24 @@ ENABLE_EMPTY_FINAL_RESPONSE = "triton_enable_empty_final_response"
 
 # -- extensions -----------------------------------------------------------------------------
 
-# Reported in server metadata (gRPC ServerMetadata, REST GET /v2); the same list on both.
-EXTENSIONS = ["model_repository(read-only)", "binary_tensor_data", "streaming", "traffic_split"]
+# Reported in server metadata (gRPC ServerMetadata, REST GET /v2); the same list on both,
+# exactly the extensions the gateway serves (Triton's names where Triton has one). Not
+# listed: system_shared_memory and cuda_shared_memory, which cannot work through a network
+# gateway (their RPCs answer UNIMPLEMENTED saying so), and trace and logging.
+EXTENSIONS = [
+    "classification",
+    "model_configuration",
+    "model_repository",
+    "statistics",
+    "binary_tensor_data",
+    "streaming",
+    "traffic_split",
+]
+
+# The label RepositoryModelUnload sets on a model's registry record (value "true"): the
+# runtimes unload every version of a model that carries it, and RepositoryModelLoad takes
+# it off again (gateway/triton.py).
+UNLOADED_LABEL = "modelgw.io/unloaded"
 
 # -- headers (lower-case gRPC metadata keys; HTTP header names alike) -----------------------
 

@@ -8,7 +8,7 @@
 
     cache = KVCache(num_layers, pool.num_blocks, block_size, kv_heads, head_dim, dtype, device)
     cache.write(layer, slot_mapping, k, v)           # new tokens' K/V, by slot
-    cache.gather_keys(layer, block_ids)              # a sequence's blocks, for attention
+    cache.gather_keys(layer, block_ids)              # some blocks (a decode chunk's, a prompt's), for attention
 
 A token at position p of a sequence lives in slot blocks[p // block_size] * block_size +
 p % block_size. A sequence gets the blocks for its whole budget (prompt + max_tokens) when

@@ -4,9 +4,14 @@ One forward pass runs one scheduler step: the new tokens of every scheduled sequ
 flattened into one [T, hidden] batch, so every projection is a single matmul over all of
 them. Only attention looks at sequences separately:
 
-- "single" rows (decode steps; one new token per sequence) are attended together: their
-  keys and values are gathered from the cache by block table into a padded
-  [n, kv_heads, L, head_dim] batch, with a mask for each sequence's length;
+- "single" rows (decode steps; one new token per sequence) come sorted by context length
+  and are attended in `DecodeChunk`s of similar length: each chunk gathers only its own
+  rows' used blocks (padded to the chunk's longest row, not the batch's) into a
+  [rows, kv_heads, L, head_dim] batch for one scaled_dot_product_attention, with an
+  additive mask (built once per step, shared by all layers) where lengths differ. On the
+  CPU a chunk's gathered K/V is kept to about what the caches hold (runner.DECODE_CHUNK_BYTES):
+  the gather and the attention that reads it back then stay in cache instead of going
+  through memory twice, which is what a whole-batch gather did at high concurrency;
 - multi-token chunks (prefill, possibly chunked) are attended one sequence each, causally,
   against the cache when earlier chunks of the prompt are already in it.
 
@@ -15,8 +20,10 @@ Weights are plain tensors (no nn.Module): q/k/v are fused into one projection, a
 gate/up, which saves matmul calls per layer. On the CPU in float32 the projection
 weights are kept in oneDNN's blocked layout (`pack_linear_weight`): the decode step is
 a chain of few-row matmuls, and these run about twice as fast as F.linear's there. With
-quantization="int8" they are int8 instead (quantization.Int8Weight; `linear` takes both). The
-model runner owns the cache tensors and builds the StepBatch.
+quantization="int8" they are int8 instead (quantization.Int8Weight; `linear` takes both).
+In float32 the RMSNorms are torch's fused op and the residual adds ride on the packed
+matmuls (oneDNN's sum post-op): fewer ops per layer, the same float32 results. The model
+runner owns the cache tensors and builds the StepBatch.
 """
 
 from __future__ import annotations
@@ -47,6 +54,16 @@ class PrefillSpan:
 
 
 @dataclass
+class DecodeChunk:
+    """Single rows start..stop-1 of the flat batch, attended together."""
+
+    start: int
+    stop: int
+    blocks: torch.Tensor            # [(stop - start) * width] block ids, row by row (padded)
+    mask: torch.Tensor | None       # [stop - start, 1, 1, width * block_size] additive (0 / -inf); None: no padding
+
+
+@dataclass
 class StepBatch:
     """Everything one forward pass needs, as tensors on the model's device."""
 
@@ -54,8 +71,7 @@ class StepBatch:
     positions: torch.Tensor                 # [T]
     slot_mapping: torch.Tensor              # [T]: where each new token's K/V goes in the cache
     num_single: int = 0                     # rows 0..num_single-1: one token of one sequence each
-    single_blocks: torch.Tensor | None = None   # [num_single * max_blocks] block ids (padded)
-    single_mask: torch.Tensor | None = None     # [num_single, 1, 1, max_blocks * block_size] bool
+    chunks: list[DecodeChunk] = field(default_factory=list)  # those rows, in DecodeChunks covering them
     spans: list[PrefillSpan] = field(default_factory=list)
     logits_index: torch.Tensor | None = None    # [S] rows whose next-token logits are wanted
 
@@ -110,13 +126,20 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
         return weight
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, for plain, `pack_linear_weight`-packed or int8 (quantization.py) weights."""
+def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear (+ residual), for plain, `pack_linear_weight`-packed or int8 (quantization.py)
+    weights. A packed weight adds the residual inside oneDNN's matmul (a fused post-op, the
+    same float32 sum), which saves an op per residual connection."""
     if isinstance(weight, Int8Weight):
-        return weight.linear(x, bias)
-    if weight.is_mkldnn:
+        y = weight.linear(x, bias)
+    elif weight.is_mkldnn:
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    else:
+        y = F.linear(x, weight, bias)
+    return y if residual is None else residual + y
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -235,6 +258,8 @@ class Decoder:
         return cls(config, embed, layers, norm, lm_head, max_len)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op instead of six (the same float32 math)
+            return F.rms_norm(x, weight.shape, weight, self.eps)
         # in float32, like transformers' LlamaRMSNorm, then back to the activations' dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -260,10 +285,10 @@ class Decoder:
             v = qkv[:, q_size + kv_size:].view(tokens, kv_heads, head_dim)
             cache.write(index, batch.slot_mapping, k, v)
             attn = self._attention(index, q, k, v, batch, cache)
-            x = x + linear(attn, layer.o, layer.o_bias)
+            x = linear(attn, layer.o, layer.o_bias, residual=x)
             h = self._rms_norm(x, layer.post_norm)
             gate, up = linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            x = x + linear(F.silu(gate) * up, layer.down, layer.down_bias)
+            x = linear(F.silu(gate) * up, layer.down, layer.down_bias, residual=x)
         if batch.logits_index is not None:
             x = x[batch.logits_index]
         x = self._rms_norm(x, self.norm)
@@ -299,12 +324,15 @@ class Decoder:
 
     def _attend_singles(self, layer: int, q: torch.Tensor, batch: StepBatch, cache: KVCache) -> torch.Tensor:
         """One query per sequence against its cached context: [n, heads, head_dim]."""
-        n = q.shape[0]
-        kv_heads, head_dim = self.num_kv_heads, self.head_dim
-        keys = cache.gather_keys(layer, batch.single_blocks).view(n, -1, kv_heads, head_dim).transpose(1, 2)
-        values = cache.gather_values(layer, batch.single_blocks).view(n, -1, kv_heads, head_dim).transpose(1, 2)
+        kv_heads, head_dim, heads = self.num_kv_heads, self.head_dim, self.num_heads
         # grouped-query attention without repeating K/V: the query heads sharing a kv head
         # become that head's "query positions" (one token each, no causal mask among them)
-        grouped = q.reshape(n, kv_heads, self.num_heads // kv_heads, head_dim)
-        o = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=batch.single_mask)
-        return o.reshape(n, self.num_heads, head_dim)
+        grouped = q.reshape(q.shape[0], kv_heads, heads // kv_heads, head_dim)
+        outs = []
+        for chunk in batch.chunks:
+            rows = chunk.stop - chunk.start
+            k = cache.gather_keys(layer, chunk.blocks).view(rows, -1, kv_heads, head_dim).transpose(1, 2)
+            v = cache.gather_values(layer, chunk.blocks).view(rows, -1, kv_heads, head_dim).transpose(1, 2)
+            outs.append(F.scaled_dot_product_attention(grouped[chunk.start:chunk.stop], k, v, attn_mask=chunk.mask))
+        o = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return o.reshape(-1, heads, head_dim)

@@ -5,9 +5,15 @@
 Everything but the forward pass is the torch engine's: the scheduler, the block pool, the
 sampler, the detokenizer, the request bookkeeping of ModelRunner. OnnxRuntimeRunner
 overrides only `forward`: it feeds the step's index tensors (`graph_inputs`) and the KV
-cache to the graph, and the graph's updated cache becomes the engine's KVCache tensors
-(zero-copy numpy views of onnxruntime's outputs), so the pool the scheduler allocates from
-is the one the graph reads and writes.
+cache to the graph, and the graph's updated cache becomes the engine's KVCache tensors, so
+the pool the scheduler allocates from is the one the graph reads and writes.
+
+The graph returns the whole cache as outputs (ONNX has no in-place update), so a step
+writes a full copy of it. With IO binding those outputs go into a second, preallocated
+pair of cache arrays, and the two pairs swap roles each step: no cache-sized allocation
+(and page faults) per step, and the input arrays are read without a copy. This holds two
+caches, which is what onnxruntime's freshly allocated outputs cost at every step's peak
+before.
 
 The graph is exported from the checkpoint at load (fp32; seconds for small models) into a
 temporary file that lives only until onnxruntime has read it. fp32 only. Providers:
@@ -47,19 +53,30 @@ class OnnxRuntimeRunner(StepRunner):
         super().__init__(cache.block_size, torch.device("cpu"))
         self.session = session
         self.cache = cache
+        # where the next step's updated cache goes; swapped with the cache after each step
+        self._spare = (np.empty(tuple(cache.keys.shape), np.float32), np.empty(tuple(cache.values.shape), np.float32))
 
     def forward(self, step: ScheduledStep) -> torch.Tensor:
         feed: dict[str, np.ndarray] = graph_inputs(step, self.block_ids(step), self.block_size)
-        feed["key_cache"] = self.cache.keys.numpy()
-        feed["value_cache"] = self.cache.values.numpy()
-        logits, keys, values = self.session.run(None, feed)
-        self.cache.keys = torch.from_numpy(keys)
-        self.cache.values = torch.from_numpy(values)
+        keys, values = self.cache.keys.numpy(), self.cache.values.numpy()
+        feed["key_cache"], feed["value_cache"] = keys, values
+        out_keys, out_values = self._spare
+        binding = self.session.io_binding()
+        for name, array in feed.items():
+            binding.bind_cpu_input(name, array)
+        binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in the order bound
+        for name, array in (("key_cache_out", out_keys), ("value_cache_out", out_values)):
+            binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()  # only the logits are copied out
+        self.cache.keys, self.cache.values = torch.from_numpy(out_keys), torch.from_numpy(out_values)
+        self._spare = (keys, values)
         return torch.from_numpy(logits)
 
     def close(self) -> None:
         super().close()
         self.session = None
+        self._spare = (np.empty(0, np.float32), np.empty(0, np.float32))
 
 
 def _session(path: Path, device: torch.device) -> Any:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from modelgw.runtimes.llm.kv_cache import KVCache
-from modelgw.runtimes.llm.model import Decoder, PrefillSpan, StepBatch
+from modelgw.runtimes.llm.model import DecodeChunk, Decoder, PrefillSpan, StepBatch
 from modelgw.runtimes.llm.sampling import Sampler, SampleResult, SamplingParams
 from modelgw.runtimes.llm.scheduler import ScheduledStep
 
@@ -78,6 +78,12 @@ class StepRunner:
         self._requests.clear()
 
 
+# K+V bytes one decode chunk may gather on the CPU: about an L2's worth per core (measured on
+# the bench's model, 2 cores: at concurrency 64 a whole-batch gather + attention took 3x as
+# long as chunks of ~2 MiB; chunks of ~0.6 MiB were slower again, by their per-call cost)
+DECODE_CHUNK_BYTES = 2 << 20
+
+
 class ModelRunner(StepRunner):
     """The torch runner: the Decoder over the paged KVCache."""
 
@@ -85,6 +91,12 @@ class ModelRunner(StepRunner):
         super().__init__(cache.block_size, model.device)
         self.model = model
         self.cache = cache
+        self._dtype = model.dtype
+        # decode chunks of at most this many blocks (rows x padded width) each, so that a
+        # chunk's gathered K and V fit DECODE_CHUNK_BYTES on the CPU; 0: all single rows in
+        # one chunk (on a GPU, where one big launch beats several small ones)
+        block_bytes = cache.keys[0, 0].numel() * cache.keys.element_size() * 2
+        self.decode_chunk_blocks = max(1, DECODE_CHUNK_BYTES // block_bytes) if model.device.type == "cpu" else 0
 
     def forward(self, step: ScheduledStep) -> torch.Tensor:
         return self.model.forward(self.build(step), self.cache)
@@ -96,29 +108,49 @@ class ModelRunner(StepRunner):
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        logits_index: list[int] = []
-        # single rows: one token each, attended together over a padded block table
+        # single rows: one token each, shortest context first, attended in chunks of similar
+        # length (model.DecodeChunk); flat[i] is where the step's i-th single row went
         singles = step.rows[:step.num_single]
-        single_blocks = single_mask = None
-        if singles:
-            contexts = [row.start + 1 for row in singles]
-            width = -(-max(contexts) // bs)  # blocks per row, padded
+        order = sorted(range(len(singles)), key=lambda i: singles[i].start)
+        flat = [0] * len(singles)
+        chunks: list[DecodeChunk] = []
+        first = 0
+        while first < len(order):
+            # rows are taken while the chunk's padded blocks stay within decode_chunk_blocks:
+            # the longest row so far sets the width
+            width = -(-(singles[order[first]].start + 1) // bs)
+            last = first + 1
+            if self.decode_chunk_blocks:
+                while last < len(order):
+                    w = -(-(singles[order[last]].start + 1) // bs)
+                    if (last - first + 1) * w > self.decode_chunk_blocks:
+                        break
+                    width, last = w, last + 1
+            else:
+                last = len(order)
+                width = -(-(singles[order[-1]].start + 1) // bs)
             table: list[int] = []
-            for i, row in enumerate(singles):
+            lengths: list[int] = []
+            for i in order[first:last]:
+                row = singles[i]
                 blocks = requests[row.request_id].block_ids
                 pos = row.start
+                flat[i] = len(input_ids)
                 input_ids.extend(row.token_ids)
                 positions.append(pos)
                 slots.append(blocks[pos // bs] * bs + pos % bs)
                 used = blocks[:width]
                 table.extend(used)
                 table.extend([used[0]] * (width - len(used)))  # padding: masked out below
-                if row.sample:
-                    logits_index.append(i)
-            single_blocks = torch.tensor(table, dtype=torch.long, device=device)
-            lengths = torch.tensor(contexts, dtype=torch.long, device=device)
-            single_mask = (torch.arange(width * bs, device=device).unsqueeze(0) < lengths.unsqueeze(1))
-            single_mask = single_mask[:, None, None, :]
+                lengths.append(pos + 1)
+            mask = None
+            if lengths[0] != width * bs:  # sorted: the shortest row decides whether any is padded
+                keep = torch.arange(width * bs, device=device) < torch.tensor(lengths, device=device).unsqueeze(1)
+                mask = torch.zeros(keep.shape, dtype=self._dtype, device=device).masked_fill_(~keep, float("-inf"))
+                mask = mask[:, None, None, :]
+            chunks.append(DecodeChunk(first, last, torch.tensor(table, dtype=torch.long, device=device), mask))
+            first = last
+        logits_index = [flat[i] for i, row in enumerate(singles) if row.sample]
         spans: list[PrefillSpan] = []
         for row in step.rows[step.num_single:]:
             blocks = requests[row.request_id].block_ids
@@ -141,8 +173,7 @@ class ModelRunner(StepRunner):
             positions=torch.tensor(positions, dtype=torch.long, device=device),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             num_single=len(singles),
-            single_blocks=single_blocks,
-            single_mask=single_mask,
+            chunks=chunks,
             spans=spans,
             logits_index=torch.tensor(logits_index, dtype=torch.long, device=device),
         )

