@@ -472,6 +472,9 @@ def pipeline_image(spec: rpb.JobSpec | rpb.StreamSpec, settings: KubeSettings) -
     return spec.image or settings.default_images.get(PIPELINE_IMAGE_KIND)
 
 
+STREAM_METRICS_PORT = 9090  # a stream consumer's /metrics and /healthz
+
+
 def _pipeline_pod(
     spec: rpb.JobSpec | rpb.StreamSpec, models: Sequence[rpb.ModelSpec], settings: KubeSettings,
     command: list[str], grace: int,
@@ -579,7 +582,15 @@ def stream_object(
     # no --replica: it is a number (a client id's suffix), and a Deployment's pods have none
     # (the local backend passes each replica's slot)
     command = ["modelgw", "stream", "run", "--name", stream.name, "--etcd", settings.etcd_endpoints,
-               "--prefix", settings.registry_prefix]
+               "--prefix", settings.registry_prefix, "--metrics-port", str(STREAM_METRICS_PORT)]
+    pod = _pipeline_pod(stream, models, settings, command, grace=settings.drain_seconds + 10)
+    # lag and throughput on /metrics (scraped by port name); /healthz answers 200 once it
+    # consumes: a readiness probe only, so a rollout waits for it and a slow group join (Kafka)
+    # never gets a consumer killed
+    consumer = pod["containers"][0]
+    consumer["ports"] = [{"name": "metrics", "containerPort": STREAM_METRICS_PORT, "protocol": "TCP"}]
+    health = {"httpGet": {"path": "/healthz", "port": "metrics"}}
+    consumer["readinessProbe"] = {**health, "periodSeconds": 5, "failureThreshold": 2}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -595,7 +606,7 @@ def stream_object(
             "template": {
                 "metadata": {"labels": dict(labels)},
                 # on SIGTERM a consumer drains: finishes what it read, commits, leaves
-                "spec": _pipeline_pod(stream, models, settings, command, grace=settings.drain_seconds + 10),
+                "spec": pod,
             },
         },
     }

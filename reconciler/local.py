@@ -462,8 +462,10 @@ class LocalBackend:
                 "--name", spec.name, "--etcd", self.etcd, "--prefix", self.prefix]
 
     def stream_argv(self, spec: rpb.StreamSpec, replica: int) -> list[str]:
+        # each consumer serves /metrics and /healthz on a port of its own (its log says which)
         return [*python_module("modelgw", self.python), "stream", "run",
-                "--name", spec.name, "--etcd", self.etcd, "--prefix", self.prefix, "--replica", str(replica)]
+                "--name", spec.name, "--etcd", self.etcd, "--prefix", self.prefix, "--replica", str(replica),
+                "--metrics-host", self.host, "--metrics-port", str(free_port(self.host))]
 
     async def spawn_job(self, replica: Replica) -> asyncio.subprocess.Process:
         process = await self.exec(self.job_argv(replica.spec), replica.spec.env, replica.instance)

@@ -134,10 +134,13 @@ def test_a_stream_is_a_deployment_of_consumers_that_passes_strict_validation() -
     pod = pod_of(obj)
     (container,) = pod["containers"]
     assert container["command"] == ["modelgw", "stream", "run", "--name", "clicks", "--etcd", "etcd.modelgw.svc:2379",
-                                    "--prefix", "/modelgw/v1/"]
+                                    "--prefix", "/modelgw/v1/", "--metrics-port", "9090"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-    assert "ports" not in container  # nothing dials a consumer
+    # lag and throughput are scraped from the consumer's /metrics; a rollout waits for /healthz
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert "livenessProbe" not in container  # a Kafka group join may take long: never killed for it
     assert stream_object(stream(replicas=0), [], SETTINGS)["spec"]["replicas"] == 1  # 0: one
 
 

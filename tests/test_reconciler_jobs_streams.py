@@ -403,7 +403,8 @@ async def test_a_killed_stream_replica_is_restarted(local: Local, tmp_path: Path
     status = await until(lambda: ready(2), "both replicas ready in the status", logs=local.logs)
     assert status.backend == "local"
     argv = (state / "argv").read_text().split()
-    assert argv[3:7] == ["stream", "run", "--name", "feed"] and argv[-2] == "--replica"
+    assert argv[3:7] == ["stream", "run", "--name", "feed"] and "--replica" in argv
+    assert int(argv[argv.index("--metrics-port") + 1]) > 0  # each consumer serves /metrics
 
     os.kill(first[0], signal.SIGKILL)
     await until(lambda: not pid_alive(first[0]), "the killed replica gone")
