@@ -158,12 +158,40 @@ class ModelRoute:
                     ),
                 )
             return requested
-        if sticky_key is not None:
-            digest = hashlib.blake2b(f"{self.spec.name}\0{sticky_key}".encode(), digest_size=8).digest()
-            point = int.from_bytes(digest, "big") % 100
-        else:
-            point = random.randrange(100)
-        return self.threshold_versions[bisect.bisect_right(self.thresholds, point)]
+        return self.threshold_versions[bisect.bisect_right(self.thresholds, self._point(sticky_key))]
+
+    def _point(self, sticky_key: str | None) -> int:
+        """A point in [0, 100) of the traffic split: the session key's hash, else random."""
+        if sticky_key is None:
+            return random.randrange(100)
+        digest = hashlib.blake2b(f"{self.spec.name}\0{sticky_key}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") % 100
+
+    def split(self) -> list[tuple[str, int]]:
+        """(version, percent) of the traffic split for requests that name no version."""
+        lows = [0, *self.thresholds]
+        highs = [*self.thresholds, 100]
+        return [(v, hi - lo) for v, lo, hi in zip(self.threshold_versions, lows, highs, strict=True)]
+
+    def live_split(self) -> list[tuple[str, int]]:
+        """The split's versions that have replicas, with their percents (no longer summing
+        to 100 when a version has none)."""
+        return [(version, weight) for version, weight in self.split() if self.replicas.get(version)]
+
+    def fallback_version(self, sticky_key: str | None) -> str | None:
+        """For a request that named no version, when the split chose a version no replica
+        serves: another version of the split that has replicas, by the split's weights among
+        them (a version whose runtime is gone does not take its share of traffic down with
+        it). None when no version of the split has a replica."""
+        live = self.live_split()
+        if not live:
+            return None
+        point = self._point(sticky_key) * sum(weight for _, weight in live) // 100
+        for version, weight in live:
+            if point < weight:
+                return version
+            point -= weight
+        return live[-1][0]
 
 
 def build_route(spec: rpb.ModelSpec) -> ModelRoute | None:
@@ -374,6 +402,10 @@ class RoutingTable:
         route = self.route(model)
         chosen = route.choose_version(version, sticky_key)
         candidates = route.replicas.get(chosen, ())
+        if not candidates and not version:
+            fallback = route.fallback_version(sticky_key)
+            if fallback is not None:
+                chosen, candidates = fallback, route.replicas[fallback]
         if not candidates:
             raise GatewayError(grpc.StatusCode.UNAVAILABLE, self._why_unavailable(model, chosen, route.runtimes[chosen]))
         if len(candidates) == 1 and exclude is None:

@@ -210,3 +210,13 @@ def test_models_only_python_can_admit_stay_behind_python(table: RoutingTable) ->
 def test_tokens_without_an_expiry_are_refused_as_the_python_verifier_does() -> None:
     providers = ec.jwt_filter(AUTH, JWKS)["typed_config"]["providers"]
     assert providers and all(p["require_expiration"] is True for p in providers.values())
+
+
+def test_a_split_version_without_replicas_gives_its_share_to_the_others() -> None:
+    spec = model("split", ("1", "2"), {"1": 90, "2": 10})
+    table = RoutingTable()
+    table.update([spec], {"py/a": endpoint("a", "127.0.0.1:5001", {("split", "1"): READY})})
+    routes = routes_of(ec.compile_resources(table, SETTINGS, AUTH))
+    # version 2 has no replica: unversioned requests all go to version 1, as on the Python plane
+    assert routes["split/split"]["route"]["cluster"] == ec.cluster_name("split", "1")
+    assert "split/sticky" not in routes

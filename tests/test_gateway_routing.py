@@ -115,3 +115,28 @@ def test_other_replicas_are_untouched(others: int) -> None:
     rest = {k: v for k, v in records.items() if k != KEY}
     table.update(endpoints=rest)
     assert set(table.replicas) == set(records)
+
+
+def test_a_split_version_without_replicas_gives_its_share_to_the_versions_that_have_them() -> None:
+    spec = rpb.ModelSpec(name="m", traffic={"1": 50, "2": 30, "3": 20})
+    for version, runtime in (("1", "gone"), ("2", "py"), ("3", "py")):
+        spec.versions.add(version=version, uri="x", format="python", runtime=runtime)
+    ep = rpb.Endpoint(runtime="py", instance="py-0", address="127.0.0.1:9000", ready=True)
+    for version in ("2", "3"):
+        ep.models.add(name="m", version=version, state=rpb.LoadedModel.READY)
+    table = RoutingTable()
+    table.update([spec], {KEY: ep})
+    # version 1's runtime has no replica: its 50% goes to 2 and 3 in their 30:20 ratio
+    chosen = [table.pick("m")[0] for _ in range(2000)]
+    assert set(chosen) == {"2", "3"}
+    assert 0.5 < chosen.count("2") / len(chosen) < 0.7
+    # a session key keeps its choice, and one that would pick 1 is moved, not refused
+    assert len({table.pick("m", sticky_key=f"s{i}")[0] for i in range(50)} - {"2", "3"}) == 0
+    assert table.pick("m", sticky_key="s7")[0] == table.pick("m", sticky_key="s7")[0]
+    # a request that names the version still gets the truth
+    with pytest.raises(GatewayError) as err:
+        table.pick("m", "1")
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    # and with no replica for any version the request is refused as before
+    table.update([spec], {})
+    assert routed(table) == []

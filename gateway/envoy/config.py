@@ -333,10 +333,10 @@ def _route_action(route: ModelRoute, settings: EnvoySettings) -> dict[str, Any]:
 
 
 def split_weights(route: ModelRoute) -> list[tuple[str, int]]:
-    """(version, percent) of the traffic split, as the routing table computed it."""
-    cumulative = [*route.thresholds, 100]
-    weights = [b - a for a, b in zip([0, *cumulative[:-1]], cumulative, strict=True)]
-    return list(zip(route.threshold_versions, weights, strict=True))
+    """(version, percent) of the traffic split, as the routing table computes it: the
+    versions that have replicas share the traffic (as the Python plane's fallback_version);
+    all of them while none has."""
+    return route.live_split() or route.split()
 
 
 def model_routes(route: ModelRoute, settings: EnvoySettings, auth: AuthConfig | None) -> list[dict[str, Any]]:
