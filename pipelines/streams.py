@@ -77,7 +77,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from modelgw.pipelines.brokers import Outgoing, Received, Sink, Source, open_sink, open_source
 from modelgw.pipelines.caller import CallError, LocalModel, ModelCaller, RowResult, open_caller
-from modelgw.pipelines.tables import _jsonable
+from modelgw.pipelines.tables import jsonable
 from modelgw.protos import registry_pb2 as rpb
 from modelgw.registry.keys import DEFAULT_PREFIX
 from modelgw.registry.validation import DEFAULT_STREAM_BATCH_SIZE, DEFAULT_STREAM_MAX_IN_FLIGHT, check_stream
@@ -339,7 +339,7 @@ class StreamRunner:
             return [(r, grpc.StatusCode.INVALID_ARGUMENT.name) for r in results]
 
     def _result(self, m: Received, outputs: dict[str, Any]) -> Outgoing:
-        value = json.dumps({name: _jsonable(v) for name, v in outputs.items()}, separators=(",", ":"))
+        value = json.dumps({name: jsonable(v) for name, v in outputs.items()}, separators=(",", ":"))
         return Outgoing(key=m.key, value=value.encode(), headers=[*m.headers, *m.provenance],
                         dedup_id=f"{self.spec.name}/{m.id}")
 

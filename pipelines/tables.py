@@ -280,15 +280,17 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 TEMP_PREFIX = ".tmp-"
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """A value as JSON can hold it (numpy arrays and scalars to lists and numbers, bytes to
+    text): the one conversion of outputs for JSONL parts and stream results."""
     if isinstance(value, np.ndarray):
         if value.dtype == object:
-            return [_jsonable(v) for v in value.tolist()] if value.ndim else _jsonable(value.item())
+            return [jsonable(v) for v in value.tolist()] if value.ndim else jsonable(value.item())
         return value.tolist()
     if isinstance(value, (bytes, bytearray)):
         return bytes(value).decode("utf-8", "backslashreplace")
     if isinstance(value, list):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     return value
@@ -327,9 +329,9 @@ def write_part(path: Path, fmt: int, id_name: str, ids: Sequence[Any], columns: 
     def lines(f: IO[bytes]) -> None:
         names = list(columns)
         for i, row_id in enumerate(ids):
-            record = {id_name: _jsonable(row_id)}
+            record = {id_name: jsonable(row_id)}
             for name in names:
-                record[name] = _jsonable(columns[name][i])
+                record[name] = jsonable(columns[name][i])
             f.write(json.dumps(record, ensure_ascii=False).encode())
             f.write(b"\n")
 
