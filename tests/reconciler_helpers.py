@@ -107,9 +107,11 @@ class Processes:
         return "\n".join(parts)
 
 
-def replica_processes(prefix: str) -> dict[str, int]:
+def replica_processes(prefix: str, registry: str | None = None) -> dict[str, int]:
     """{instance: pid} of the live `modelgw runtime serve` processes registering under
-    `prefix`, read from /proc (a zombie has no command line)."""
+    `prefix` (and with the etcd endpoint `registry`, when given: two suites on one machine
+    may use the same prefix against different etcds), read from /proc (a zombie has no
+    command line)."""
     found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -118,7 +120,9 @@ def replica_processes(prefix: str) -> dict[str, int]:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if "serve" in argv and "--instance" in argv and _option(argv, "--prefix") == prefix:
+        if "serve" in argv and "--instance" in argv and _option(argv, "--prefix") == prefix and (
+            registry is None or _option(argv, "--registry") == registry
+        ):
             found[_option(argv, "--instance")] = int(entry)
     return found
 

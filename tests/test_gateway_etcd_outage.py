@@ -191,7 +191,7 @@ async def test_etcd_frozen_longer_than_every_lease_under_load(etcd, processes: P
 
             async def serving() -> dict[str, int]:
                 ready = {e.instance for e in (await store.list_endpoints("py")).endpoints if e.ready}
-                pids = replica_processes(prefix)
+                pids = replica_processes(prefix, etcd.endpoint)
                 return pids if len(ready) == 2 and set(pids) == ready else {}
 
             pids = await until(serving, "two replicas serve", timeout=120, logs=logs)
@@ -216,7 +216,7 @@ async def test_etcd_frozen_longer_than_every_lease_under_load(etcd, processes: P
             assert tally.errors == [], f"{len(tally.errors)} failed: {tally.errors[:5]}\n{logs()}"
             assert [t for t in tally.ok if t > thawed_at + 4], "no successful request after the thaw"
             # the same replica processes, never stopped or restarted
-            assert replica_processes(prefix) == pids, logs()
+            assert replica_processes(prefix, etcd.endpoint) == pids, logs()
             assert reconciler.alive()
     finally:
         gateway.kill()
