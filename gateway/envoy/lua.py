@@ -1,4 +1,5 @@
-"""The Lua filter that reads the model name and version from a ModelInfer body.
+"""The Lua filters of the gRPC listener: the one that reads the model name and version
+from a ModelInfer body, the auth gate, and the upstream filter that names a version.
 
 Envoy routes on headers; the Open Inference Protocol names the model inside the protobuf
 message. This filter runs first on the gRPC listener: for `ModelInfer` it buffers the
@@ -16,6 +17,10 @@ headers: it falls through to the Python gateway, which answers it.
 Why Lua rather than grpc_field_extraction: that filter writes the fields into dynamic
 metadata, which routes cannot match before the route is chosen, and it needs a descriptor
 set kept in step with protos/; this one is 60 lines and costs ~10 µs a request.
+
+The auth gate (GATE_SOURCE) runs after jwt_authn and a shadow RBAC: what Envoy would
+refuse for its token or the model's policy it marks (x-modelgw-python) and reroutes to the
+Python gateway, so that refusals are the Python gateway's, code and words, on both planes.
 """
 
 from __future__ import annotations
@@ -106,6 +111,7 @@ function envoy_on_request(handle)
   headers:remove("%(version)s")
   headers:remove("%(subject)s")
   headers:remove("%(unversioned)s")
+  headers:remove("%(python)s")
   if headers:get(":path") ~= MODEL_INFER then return end
   local body = handle:body()
   if body == nil then return end
@@ -126,7 +132,7 @@ def lua_source(subject_header: str) -> str:
     """The filter's code, with the header names filled in."""
     return LUA_SOURCE % {
         "path": MODEL_INFER_PATH, "model": MODEL_HEADER, "version": VERSION_HEADER, "subject": subject_header,
-        "unversioned": UNVERSIONED_HEADER,
+        "unversioned": UNVERSIONED_HEADER, "python": PYTHON_HEADER,
     }
 
 
@@ -170,3 +176,53 @@ def version_source(version: str) -> str:
     encoded = version.encode("utf-8")
     field = b"\x12" + _varint(len(encoded)) + encoded
     return VERSION_SOURCE % {"field": "".join(f"\\{b}" for b in field), "unversioned": UNVERSIONED_HEADER}
+
+
+# -- the auth gate: what Envoy cannot answer as the Python gateway does goes to it -----------
+
+# set by the gate on a request the Python gateway must answer (its route is the first);
+# a client's own copy only sends its request to Python, which authenticates it
+PYTHON_HEADER = "x-modelgw-python"
+GATE_FILTER = "modelgw.auth_gate"  # the gate's filter name: route metadata under it says "public"
+JWT_NAMESPACE = "envoy.filters.http.jwt_authn"
+RBAC_NAMESPACE = "envoy.filters.http.rbac"  # where an RBAC filter writes its shadow result
+
+# Runs after jwt_authn (which lets every token through: allow_missing_or_failed) and the
+# shadow RBAC (the model's policy, judged but not enforced), before the enforcing RBAC.
+# A model route carries `access` ("public" or "protected") in its metadata under the
+# gate's name; other routes already go to Python. The request goes to Python when:
+# - protected, and no verified payload (missing, bad, expired, foreign token; unknown kid),
+#   or the policy's shadow result is not "allowed": Python answers with its own code and
+#   words, and refetches the JWKS for an unknown kid at once;
+# - public, and a token was sent that did not verify (Python refuses it as it always does).
+# The enforcing RBAC after the gate holds the same policy, so a request the gate let
+# through wrongly (a script error) is still refused: fail closed.
+GATE_SOURCE = r"""
+function envoy_on_request(handle)
+  local access = handle:metadata():get("access")
+  if access == nil then return end
+  local info = handle:streamInfo():dynamicMetadata()
+  local jwt = info:get("%(jwt)s")
+  local verified = jwt ~= nil and jwt["%(payload)s"] ~= nil
+  local python
+  if access == "public" then
+    python = not verified and handle:headers():get("authorization") ~= nil
+  else
+    local rbac = info:get("%(rbac)s")
+    python = not verified or rbac == nil or rbac["%(result)s"] ~= "allowed"
+  end
+  if python then
+    handle:headers():replace("%(python)s", "1")
+    handle:clearRouteCache()
+  end
+end
+"""
+
+
+def gate_source(payload_key: str, shadow_prefix: str) -> str:
+    """The gate's code: `payload_key` where jwt_authn puts a verified payload,
+    `shadow_prefix` the shadow RBAC's shadow_rules_stat_prefix (its result's key prefix)."""
+    return GATE_SOURCE % {
+        "jwt": JWT_NAMESPACE, "payload": payload_key, "rbac": RBAC_NAMESPACE,
+        "result": f"{shadow_prefix}shadow_engine_result", "python": PYTHON_HEADER,
+    }

@@ -11,10 +11,9 @@ straight to the runtime replicas; everything else goes through Envoy to the Pyth
 
 Configuration: files Envoy watches, not an ADS server. The listeners (ports, filters, the
 jwt_authn providers) are fixed for the life of the process and are in the bootstrap. What
-the registry changes is in three kinds of file: `cds.json` (a cluster per model version),
-`eds/<cluster>.json` (its ready replicas) and `rds.json` (the gRPC routes); each is written
-whole to a temporary file and renamed over the old one, which Envoy sees (inotify, moved-to)
-and applies. Why files rather than xDS over gRPC:
+the registry changes is in two files: `cds.json` (a cluster per model version, its ready
+replicas inline) and `rds.json` (the gRPC routes); each is written whole to a temporary file
+and renamed over the old one, which Envoy sees (inotify, moved-to) and applies. Why files rather than xDS over gRPC:
 - nothing more runs in the gateway's event loop on the hot path of a change (an ADS server
   is a gRPC server with per-stream version/nonce bookkeeping; a file write is 20 µs), and
   nothing more can fail: no stream to reconnect, no ACK/NACK protocol to get right;
@@ -23,14 +22,17 @@ and applies. Why files rather than xDS over gRPC:
   starts from them at once;
 - the cost is one Envoy per gateway on the same machine (files are local), which is the
   deployment this mode is for. A fleet of Envoys fed by one control plane would want ADS.
-Routes come over RDS and endpoints over EDS (not inline in the listener and clusters) so
-that a change reaches connections already open (a listener update would only reach new
-ones) and an endpoint change does not rebuild the cluster (its connection pools, outlier
-and circuit-breaker state stay).
+Routes come over RDS (not inline in the listener) so that a change reaches connections
+already open (a listener update would only reach new ones). Endpoints are inline in their
+clusters, not a file each over EDS: Envoy holds an inotify instance per watched file, and
+the kernel's per-user limit (fs.inotify.max_user_instances, 128 by default) made Envoy
+abort at about 60 model versions (bench/envoy_propagation.py --change model). The price:
+an endpoint change replaces that version's cluster (new connection pools and ejection
+state); clusters whose content did not change are left alone.
 
-Order of a change: endpoint files first, then clusters (waiting until Envoy has warmed new
-ones), then routes, then the files of clusters that are gone: a route never names a cluster
-Envoy does not have yet.
+Order of a change: clusters first (waiting until Envoy has taken them), then routes: a
+route never names a cluster Envoy does not have yet, and a cluster that is gone is named by
+no route any more (Envoy answers a route to a missing cluster with no_cluster).
 
 Envoy is tied to this process (modelgw.process.tied_to_this_process: PR_SET_PDEATHSIG), so
 it dies with the gateway, and is restarted from the same files if it exits on its own.
@@ -58,12 +60,11 @@ from modelgw.gateway.envoy.config import (
     EnvoySettings,
     Files,
     Jwks,
-    Resources,
     bootstrap_config,
+    cluster_resources,
     compile_resources,
     discovery_document,
     jwks_for,
-    with_eds,
 )
 from modelgw.net import free_port
 from modelgw.process import tied_to_this_process
@@ -130,7 +131,7 @@ class FileWriter:
 
     def __init__(self, files: Files) -> None:
         self.files = files
-        Path(files.directory, "eds").mkdir(parents=True, exist_ok=True)
+        Path(files.directory).mkdir(parents=True, exist_ok=True)
         self._written: dict[str, str] = {}
         self._version = 0
 
@@ -149,14 +150,6 @@ class FileWriter:
     def write_bootstrap(self, bootstrap: dict[str, Any]) -> None:
         with open(self.files.bootstrap, "w", encoding="utf-8") as out:
             json.dump(bootstrap, out, indent=1)
-
-    def remove(self, path: str) -> None:
-        self._written.pop(path, None)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-    def known(self, prefix: str) -> list[str]:
-        return [p for p in self._written if p.startswith(prefix)]
 
 
 class EnvoyDataPlane:
@@ -329,25 +322,16 @@ class EnvoyDataPlane:
             self.skipped = resources.skipped
             if resources.skipped:
                 log.warning("envoy: replicas registered by host name are not routed by Envoy: %s", resources.skipped)
-        changed = self._write_endpoints(resources)
-        before = set(self.writer.known(self.files.eds("")))
+        changed = False
         cds_before = await self._cds_updates() if not initial else 0
-        if self.writer.write(self.files.cds, with_eds(resources, self.files)):
+        if self.writer.write(self.files.cds, cluster_resources(resources)):
             changed = True
             if not initial:
                 await self._wait_clusters(cds_before)
         if self.writer.write(self.files.rds, [resources.routes]):
             changed = True
-        for path in before - {self.files.eds(name) for name in resources.endpoints}:
-            self.writer.remove(path)
         if changed:
             self.applied += 1
-        return changed
-
-    def _write_endpoints(self, resources: Resources) -> bool:
-        changed = False
-        for name, assignment in resources.endpoints.items():
-            changed |= self.writer.write(self.files.eds(name), [assignment])
         return changed
 
     async def _cds_updates(self) -> int:
