@@ -71,6 +71,7 @@ RBAC_SHADOW = "modelgw.rbac_shadow"  # the same rules in shadow mode, read by th
 SHADOW_PREFIX = "modelgw_"  # the shadow rules' stat (and metadata key) prefix
 METADATA = "modelgw"  # route metadata: the model and its in-flight cap, for local replies
 JWT_PAYLOAD = "jwt_payload"  # where jwt_authn puts a verified token's claims (dynamic metadata)
+JWT_HEADER = "jwt_header"  # ... and its JOSE header (for the issuer's algorithms)
 GRPC_ROUTES = "grpc"  # the RDS route configuration's name
 PYTHON_GRPC = "modelgw_python_grpc"
 PYTHON_HTTP = "modelgw_python_http"
@@ -300,7 +301,14 @@ def access_rules(route: ModelRoute, auth: AuthConfig) -> dict[str, Any] | None:
         # as the Python verifier: a token names its subject (a string); one without is
         # refused, so the gate sends it to Python for its words
         subject = _metadata(issuer.subject_claim, {"string_match": {"safe_regex": {"regex": ".+"}}})
-        principals.append({"and_ids": {"ids": [principal if principal is not None else _issuer_is(issuer.issuer), subject]}})
+        # jwt_authn takes any algorithm its JWKS key allows; the issuer's list is checked here
+        # (a token outside it goes to Python, which refuses it in its own words)
+        algorithm = {"sourced_metadata": {"metadata_matcher": {
+            "filter": JWT_FILTER, "path": [{"key": JWT_HEADER}, {"key": "alg"}],
+            "value": {"string_match": {"safe_regex": {"regex": "|".join(re.escape(a) for a in issuer.algorithms)}}},
+        }}}
+        first = principal if principal is not None else _issuer_is(issuer.issuer)
+        principals.append({"and_ids": {"ids": [first, subject, algorithm]}})
     return {"action": "ALLOW", "policies": {"access-policy": {"permissions": [{"any": True}], "principals": principals}}}
 
 
@@ -537,6 +545,7 @@ def jwt_filter(auth: AuthConfig, jwks: Mapping[str, Jwks]) -> dict[str, Any]:
             # a model's routes drop it: runtimes get the verified subject, not the token
             "forward": True,
             "payload_in_metadata": JWT_PAYLOAD,
+            "header_in_metadata": JWT_HEADER,
             "claim_to_headers": [{"header_name": SUBJECT_HEADER, "claim_name": issuer.subject_claim}],
             "clock_skew_seconds": int(issuer.leeway_seconds),
             "require_expiration": True,  # as the Python verifier: a token without exp is refused
