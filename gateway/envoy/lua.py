@@ -15,8 +15,11 @@ must read the last one too. A compressed message, or one that does not parse, ge
 headers: it falls through to the Python gateway, which answers it.
 
 Why Lua rather than grpc_field_extraction: that filter writes the fields into dynamic
-metadata, which routes cannot match before the route is chosen, and it needs a descriptor
-set kept in step with protos/; this one is 60 lines and costs ~10 µs a request.
+metadata, not headers, and needs a descriptor set kept in step with protos/. It is the
+cheaper of the two, though: measured as Envoy's own CPU per request at c=16 (one worker,
+A/B alternating, a loaded 2-core machine), this filter adds about 90 µs to a tuned
+Envoy's ~300 µs and grpc_field_extraction about 56 µs. Routing on its metadata (a route
+match on dynamic metadata after a route-cache clear) is the next step for the CPU goal.
 
 The auth gate (GATE_SOURCE) runs after jwt_authn and a shadow RBAC: what Envoy would
 refuse for its token or the model's policy it marks (x-modelgw-python) and reroutes to the
