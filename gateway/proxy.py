@@ -52,6 +52,9 @@ from modelgw.protos import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+# a model at its in-flight cap; the Envoy data plane answers with the same words
+MODEL_AT_ITS_CAP = "model '{model}' is at its limit of {cap} requests in flight; retry later"
+
 
 @dataclass
 class ProxyLimits:
@@ -372,7 +375,7 @@ class Proxy:
         if cap and current >= cap:
             raise GatewayError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"model '{model}' is at its limit of {cap} requests in flight; retry later",
+                MODEL_AT_ITS_CAP.format(model=model, cap=cap),
             )
         # the caller's per-tenant limits: RateLimited (429) when over; None when none apply
         ticket = None

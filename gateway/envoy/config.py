@@ -61,6 +61,7 @@ from modelgw.gateway.envoy.lua import (
     lua_source,
     version_source,
 )
+from modelgw.gateway.proxy import MODEL_AT_ITS_CAP
 from modelgw.gateway.routing import ModelRoute, RoutingTable
 from modelgw.oip.protocol import MAX_MESSAGE_BYTES, SESSION_HEADER, SUBJECT_HEADER
 
@@ -215,8 +216,8 @@ def model_cluster(name: str, route: ModelRoute, version: str, settings: EnvoySet
         },
         # as the Python table: ejected replicas get requests only when every one is ejected
         "common_lb_config": {"healthy_panic_threshold": {"value": 1.0}},
+        "type": "STATIC",  # endpoints inline (inline_clusters)
     }
-    cluster["type"] = "STATIC"
     return cluster
 
 
@@ -608,10 +609,9 @@ def _hcm(stat_prefix: str, routes: dict[str, Any], filters: list[dict[str, Any]]
     return {"name": "envoy.filters.network.http_connection_manager", "typed_config": config}
 
 
-# the Python proxy's words for a model at its cap (gateway/proxy.py _admit), from the route's metadata
-OVERFLOW_MESSAGE = (
-    f"model '%METADATA(ROUTE:{METADATA}:model)%' is at its limit of %METADATA(ROUTE:{METADATA}:max_in_flight)% "
-    "requests in flight; retry later"
+# the Python proxy's words for a model at its cap, filled from the route's metadata
+OVERFLOW_MESSAGE = MODEL_AT_ITS_CAP.format(
+    model=f"%METADATA(ROUTE:{METADATA}:model)%", cap=f"%METADATA(ROUTE:{METADATA}:max_in_flight)%",
 )
 
 
@@ -719,7 +719,6 @@ class Files:
     @property
     def rds(self) -> str:
         return f"{self.directory}/rds.json"
-
 
 
 def path_source(path: str) -> dict[str, Any]:
