@@ -5,6 +5,7 @@ from registry records, and the configuration it makes checked by Envoy itself
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import urllib.request
@@ -16,7 +17,7 @@ from envoy_helpers import ENVOY
 from modelgw.gateway.auth.config import AuthConfig, IssuerConfig
 from modelgw.gateway.envoy import config as ec
 from modelgw.gateway.envoy.lua import GATE_FILTER, PYTHON_HEADER, UNVERSIONED_HEADER
-from modelgw.gateway.envoy.supervisor import FileWriter
+from modelgw.gateway.envoy.supervisor import FileWriter, remove_stale_directories
 from modelgw.gateway.routing import RoutingTable
 from modelgw.net import free_port
 from modelgw.protos import registry_pb2 as rpb
@@ -357,3 +358,18 @@ def test_envoy_watches_two_files_however_many_models(tmp_path: Path) -> None:
     finally:
         envoy.kill()
         envoy.wait()
+
+
+def test_config_directories_of_gateways_that_are_gone_are_removed(tmp_path: Path) -> None:
+    """A gateway killed without its stop() leaves its Envoy directory; the next gateway's
+    start removes it, and never a live gateway's."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = tmp_path / f"modelgw-envoy-{gone.pid}-abc"
+    alive = tmp_path / f"modelgw-envoy-{os.getpid()}-def"
+    other = tmp_path / "modelgw-envoy-notapid-x"
+    for directory in (dead, alive, other):
+        directory.mkdir()
+        (directory / "cds.json").write_text("{}")
+    assert remove_stale_directories(str(tmp_path)) == [str(dead)]
+    assert not dead.exists() and alive.exists() and other.exists()

@@ -152,6 +152,28 @@ class FileWriter:
             json.dump(bootstrap, out, indent=1)
 
 
+DIRECTORY_PREFIX = "modelgw-envoy-"  # then the gateway's pid: modelgw-envoy-<pid>-<random>
+
+
+def remove_stale_directories(root: str) -> list[str]:
+    """Remove the config directories of gateways that are gone (killed without their
+    stop(): SIGKILL, OOM) and return them. A directory whose pid is alive is kept, even
+    when the pid now belongs to another process: keeping a few KB is the safe mistake."""
+    removed = []
+    for entry in Path(root).glob(f"{DIRECTORY_PREFIX}*-*"):
+        pid = entry.name[len(DIRECTORY_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or not entry.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(str(entry))
+        except PermissionError:
+            pass  # alive, another user's
+    return removed
+
+
 class EnvoyDataPlane:
     """The Envoy process of one gateway: its files, its start, its drain, its restarts."""
 
@@ -166,7 +188,8 @@ class EnvoyDataPlane:
         self.workers = workers
         self.binary = ""  # found at start(), where a missing one is reported like any start failure
         self.auth = None if config.insecure_no_auth else config.auth
-        self.directory = tempfile.mkdtemp(prefix="modelgw-envoy-")
+        remove_stale_directories(tempfile.gettempdir())
+        self.directory = tempfile.mkdtemp(prefix=f"{DIRECTORY_PREFIX}{os.getpid()}-")
         self.files = Files(self.directory)
         self.writer = FileWriter(self.files)
         self.settings: EnvoySettings | None = None
