@@ -18,6 +18,7 @@ from llm_helpers import (
     prompt_logits_transformers,
     run,
     save_hf_checkpoint,
+    tiny_checkpoint,
     transformers_greedy,
 )
 
@@ -165,6 +166,23 @@ def test_bfloat16_on_cpu_stays_close_to_float32(case) -> None:
         ids = torch.tensor([t for t, _ in top])
         ours = torch.tensor([lp for _, lp in top])
         assert torch.allclose(ours, reference.logprobs[0, ids], atol=0.05), (i, (ours - reference.logprobs[0, ids]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_with_a_weight_is_transformers_bit_for_bit(tmp_path, dtype: torch.dtype) -> None:
+    """The checkpoints above keep their norms at 1 (as transformers initialises them), so
+    only this test sees the norm's weight: ours is LlamaRMSNorm's result, bit for bit."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    checkpoint = Checkpoint.open(tiny_checkpoint(tmp_path))
+    config = checkpoint.config
+    model = Decoder.from_weights(config, checkpoint.load_weights(), max_len=64, dtype=dtype)
+    torch.manual_seed(0)
+    x = (torch.randn(9, config.hidden_size) * 3).to(dtype)
+    theirs = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(dtype)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.randn(config.hidden_size))
+        assert torch.equal(model._rms_norm(x, theirs.weight), theirs(x))
 
 
 @pytest.mark.gpu

@@ -21,9 +21,11 @@ gate/up, which saves matmul calls per layer. On the CPU in float32 the projectio
 weights are kept in oneDNN's blocked layout (`pack_linear_weight`): the decode step is
 a chain of few-row matmuls, and these run about twice as fast as F.linear's there. With
 quantization="int8" they are int8 instead (quantization.Int8Weight; `linear` takes both).
-In float32 the RMSNorms are torch's fused op and the residual adds ride on the packed
-matmuls (oneDNN's sum post-op): fewer ops per layer, the same float32 results. The model
-runner owns the cache tensors and builds the StepBatch.
+In float32 the residual adds ride on the packed matmuls (oneDNN's sum post-op), and the
+RMSNorms and the rotary embedding are written with as few ops as give the same float32
+results: between two matmuls every op pays for caches the weights just swept (measured: the
+first op after a matmul takes several times its cost alone), so fewer ops is what counts.
+The model runner owns the cache tensors and builds the StepBatch.
 """
 
 from __future__ import annotations
@@ -142,11 +144,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tenso
     return y if residual is None else residual + y
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
@@ -177,6 +174,10 @@ class Decoder:
         # transformers casts cos/sin to the activations' dtype before rotating: same here
         self.cos = cos.to(self.device, self.dtype)
         self.sin = sin.to(self.device, self.dtype)
+        # sin with rotate_half's negation folded in (-x2 * s == x2 * -s exactly): the rotation
+        # is then a plain swap of the halves, one op fewer per layer
+        half = config.head_dim // 2
+        self.sin_signed = torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1)
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -258,8 +259,10 @@ class Decoder:
         return cls(config, embed, layers, norm, lm_head, max_len)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op instead of six (the same float32 math)
-            return F.rms_norm(x, weight.shape, weight, self.eps)
+        if x.dtype == torch.float32:
+            # F.rms_norm's own float32 math (x * rsqrt(mean(x^2) + eps) * weight, the same
+            # results), written out: its CPU composite dispatches some twenty ops, these five
+            return torch.mul(x, torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(self.eps))).mul_(weight)
         # in float32, like transformers' LlamaRMSNorm, then back to the activations' dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -274,12 +277,14 @@ class Decoder:
         q_size, kv_size = self.q_size, self.kv_size
         x = F.embedding(batch.input_ids, self.embed)
         cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, head_dim], shared by all layers
-        sin = self.sin[batch.positions].unsqueeze(1)
+        sin = self.sin_signed[batch.positions].unsqueeze(1)
+        half = head_dim // 2
         for index, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer.input_norm)
             qkv = linear(h, layer.qkv, layer.qkv_bias)
             qk = qkv[:, : q_size + kv_size].view(tokens, heads + kv_heads, head_dim)
-            qk = qk * cos + _rotate_half(qk) * sin  # q and k rotated in one go
+            # q and k rotated in one go: qk * cos + rotate_half(qk) * sin, in place where it can be
+            qk = (qk * cos).add_(torch.cat((qk[..., half:], qk[..., :half]), dim=-1).mul_(sin))
             q = qk[:, :heads]
             k = qk[:, heads:]
             v = qkv[:, q_size + kv_size:].view(tokens, kv_heads, head_dim)
@@ -288,7 +293,7 @@ class Decoder:
             x = linear(attn, layer.o, layer.o_bias, residual=x)
             h = self._rms_norm(x, layer.post_norm)
             gate, up = linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            x = linear(F.silu(gate) * up, layer.down, layer.down_bias, residual=x)
+            x = linear(F.silu(gate).mul_(up), layer.down, layer.down_bias, residual=x)
         if batch.logits_index is not None:
             x = x[batch.logits_index]
         x = self._rms_norm(x, self.norm)

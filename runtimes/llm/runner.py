@@ -113,7 +113,11 @@ class ModelRunner(StepRunner):
         singles = step.rows[:step.num_single]
         order = sorted(range(len(singles)), key=lambda i: singles[i].start)
         flat = [0] * len(singles)
-        chunks: list[DecodeChunk] = []
+        # (first row, stop row, width in blocks, offset in `table`) of each chunk; the block
+        # tables and masks of all chunks become one tensor each, which chunks take views of
+        bounds: list[tuple[int, int, int, int]] = []
+        table: list[int] = []
+        lengths: list[int] = []  # context length of each single row, in flat order
         first = 0
         while first < len(order):
             # rows are taken while the chunk's padded blocks stay within decode_chunk_blocks:
@@ -129,8 +133,7 @@ class ModelRunner(StepRunner):
             else:
                 last = len(order)
                 width = -(-(singles[order[-1]].start + 1) // bs)
-            table: list[int] = []
-            lengths: list[int] = []
+            bounds.append((first, last, width, len(table)))
             for i in order[first:last]:
                 row = singles[i]
                 blocks = requests[row.request_id].block_ids
@@ -143,13 +146,21 @@ class ModelRunner(StepRunner):
                 table.extend(used)
                 table.extend([used[0]] * (width - len(used)))  # padding: masked out below
                 lengths.append(pos + 1)
-            mask = None
-            if lengths[0] != width * bs:  # sorted: the shortest row decides whether any is padded
-                keep = torch.arange(width * bs, device=device) < torch.tensor(lengths, device=device).unsqueeze(1)
-                mask = torch.zeros(keep.shape, dtype=self._dtype, device=device).masked_fill_(~keep, float("-inf"))
-                mask = mask[:, None, None, :]
-            chunks.append(DecodeChunk(first, last, torch.tensor(table, dtype=torch.long, device=device), mask))
             first = last
+        chunks: list[DecodeChunk] = []
+        if bounds:
+            tables = torch.tensor(table, dtype=torch.long, device=device)
+            # sorted: a chunk's first (shortest) row decides whether any of its rows is padded
+            padded = [lengths[first] != width * bs for first, _, width, _ in bounds]
+            mask = None
+            if any(padded):  # additive: -inf past each row's context, 0 within
+                columns = max(width for _, _, width, _ in bounds) * bs
+                past = torch.arange(columns, device=device) >= torch.tensor(lengths, device=device).unsqueeze(1)
+                mask = torch.zeros(past.shape, dtype=self._dtype, device=device).masked_fill_(past, float("-inf"))
+                mask = mask[:, None, None, :]
+            for (first, last, width, offset), pad in zip(bounds, padded, strict=True):
+                chunk_mask = mask[first:last, ..., :width * bs] if pad and mask is not None else None
+                chunks.append(DecodeChunk(first, last, tables[offset:offset + (last - first) * width], chunk_mask))
         logits_index = [flat[i] for i, row in enumerate(singles) if row.sample]
         spans: list[PrefillSpan] = []
         for row in step.rows[step.num_single:]:
