@@ -119,15 +119,19 @@ def test_a_job_killed_twice_at_random_points_finishes_with_each_row_exactly_once
     seed = rng.randrange(1 << 30)
     rng.seed(seed)
     progress = 0
+    part = 16 * BATCH
     for attempt in range(2):
-        # kill once the checkpoint is past a random row, after a random extra moment
-        threshold = rng.randrange(progress + 1, progress + 40_000)
+        # kill once the checkpoint is past a random row of the next part, after a random
+        # extra moment (under a part's time on a fast machine, ~0.1 s): both kills land in
+        # the first half of the rows, so the job is still running when the kill comes
+        # however fast the machine is (100,000 rows can take under a second)
+        threshold = rng.randrange(progress + 1, progress + part + 1)
         log = tmp_path / f"job-{attempt}.log"
         process = start_job(log, "-f", str(job_file))
         try:
             wait_until(lambda at=threshold, p=process: _checkpoint_row(output) >= at or p.poll() is not None, 120,
                        f"job never got past row {threshold} (seed {seed}):\n{log.read_text()}")
-            time.sleep(rng.random() * 0.2)
+            time.sleep(rng.random() * 0.05)
             assert process.poll() is None, f"the job ended before it was killed (seed {seed}):\n{log.read_text()}"
             process.send_signal(signal.SIGKILL)
         finally:
