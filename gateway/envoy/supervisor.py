@@ -158,7 +158,8 @@ DIRECTORY_PREFIX = "modelgw-envoy-"  # then the gateway's pid: modelgw-envoy-<pi
 def remove_stale_directories(root: str) -> list[str]:
     """Remove the config directories of gateways that are gone (killed without their
     stop(): SIGKILL, OOM) and return them. A directory whose pid is alive is kept, even
-    when the pid now belongs to another process: keeping a few KB is the safe mistake."""
+    when the pid now belongs to another process: keeping a few KB is the safe mistake.
+    The pids are this pid namespace's: gateways in other containers must not share `root`."""
     removed = []
     for entry in Path(root).glob(f"{DIRECTORY_PREFIX}*-*"):
         pid = entry.name[len(DIRECTORY_PREFIX):].split("-", 1)[0]
