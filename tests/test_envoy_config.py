@@ -186,9 +186,16 @@ def test_the_gate_sends_what_envoy_would_refuse_to_python_and_fails_closed(table
 def test_an_open_circuit_breaker_answers_as_the_python_proxy(table: RoutingTable) -> None:
     grpc_listener = ec.listeners(SETTINGS, AUTH, JWKS, {"rds": {}})[0]
     replies = grpc_listener["filter_chains"][0]["filters"][0]["typed_config"]["local_reply_config"]["mappers"]
-    assert replies[0]["filter"] == {"response_flag_filter": {"flags": ["UO"]}}
-    assert replies[0]["headers_to_add"][0]["header"] == {"key": "grpc-status", "value": "8"}  # RESOURCE_EXHAUSTED
-    assert "%METADATA(ROUTE:modelgw:model)%" in replies[0]["body_format_override"]["text_format_source"]["inline_string"]
+    # a retry that overflowed the retry budget also sets UO, after a failed attempt: that
+    # reply is matched first and left as it is (UNAVAILABLE), not called the model's cap
+    assert {"UF", "UC", "UR"} <= set(replies[0]["filter"]["response_flag_filter"]["flags"])
+    assert set(replies[0]) == {"filter"}
+    assert replies[1]["filter"] == {"response_flag_filter": {"flags": ["UO"]}}
+    assert replies[1]["headers_to_add"][0]["header"] == {"key": "grpc-status", "value": "8"}  # RESOURCE_EXHAUSTED
+    assert "%METADATA(ROUTE:modelgw:model)%" in replies[1]["body_format_override"]["text_format_source"]["inline_string"]
+    # the retry budget's floor is the Python proxy's: a dying replica's retries are not refused
+    cluster = ec.compile_resources(table, SETTINGS, AUTH).clusters[0]
+    assert cluster["circuit_breakers"]["thresholds"][0]["retry_budget"]["min_retry_concurrency"] == 10
     routes = routes_of(ec.compile_resources(table, SETTINGS, AUTH))
     assert routes["split/2"]["metadata"]["filter_metadata"][ec.METADATA] == {"model": "split", "max_in_flight": "7"}
 

@@ -101,8 +101,12 @@ class EnvoySettings:
     max_header_bytes: int = 16 * 1024
     default_timeout: float = 60.0  # when neither the client nor the model sets one (ProxyLimits)
     max_in_flight: int = 4096  # a version's cap when its model sets none (the gateway-wide cap)
-    retries: int = 2  # at most 3 attempts, as the Python proxy
-    retry_budget_percent: float = 20.0
+    retries: int = 2  # at most 3 attempts, as the Python proxy (ProxyLimits.max_attempts - 1)
+    retry_budget_percent: float = 20.0  # ProxyLimits.retry_ratio, in percent
+    # retries in flight allowed whatever the traffic: the Python proxy's budget allows 10 a
+    # second at any traffic (ProxyLimits.min_retries_per_second); with Envoy's floor of 3, a
+    # replica dying under 4 concurrent requests overflowed the budget and failed requests
+    min_retry_concurrency: int = 10
     drain_seconds: float = 30.0
 
 
@@ -201,7 +205,8 @@ def model_cluster(name: str, route: ModelRoute, version: str, settings: EnvoySet
             "max_pending_requests": cap,
             "max_connections": 1024,
             # retries in flight: at most this share of the requests, as the Python proxy's budget
-            "retry_budget": {"budget_percent": {"value": settings.retry_budget_percent}, "min_retry_concurrency": 3},
+            "retry_budget": {"budget_percent": {"value": settings.retry_budget_percent},
+                             "min_retry_concurrency": settings.min_retry_concurrency},
         }]},
         # as the Python table ejects: at the first failure without a response (reset,
         # refused, UNAVAILABLE), for 2 s, doubling per consecutive ejection up to 30 s
@@ -642,6 +647,11 @@ def local_replies() -> dict[str, Any]:
     circuit breaker open (response flag UO: its max_in_flight reached) is RESOURCE_EXHAUSTED
     naming the model and its limit, not UNAVAILABLE (Envoy's code for a 503)."""
     return {"mappers": [{
+        # UO is also set when a retry overflowed the retry budget after a failed attempt
+        # (reset, refused, connect failure, timeout): not the model's cap, so the reply
+        # stays Envoy's UNAVAILABLE (the first mapper that matches is the one used)
+        "filter": {"response_flag_filter": {"flags": ["UF", "UC", "UR", "URX", "UT", "LR", "UH", "UMSDR"]}},
+    }, {
         # only a model version's cluster is small enough to overflow (the Python gateway's
         # has no breaker below its own limits); a mapper's metadata_filter reads dynamic
         # metadata, not the route's, so the flag alone selects it

@@ -223,6 +223,10 @@ class EnvoyDataPlane:
             max_header_bytes=gateway.config.auth.max_header_bytes,
             default_timeout=gateway.config.limits.default_timeout,
             max_in_flight=gateway.config.limits.max_in_flight,
+            # the Python proxy's retry limits, so both planes retry alike
+            retries=gateway.config.limits.max_attempts - 1,
+            retry_budget_percent=gateway.config.limits.retry_ratio * 100,
+            min_retry_concurrency=max(3, round(gateway.config.limits.min_retries_per_second)),
             drain_seconds=gateway.config.drain_seconds,
         )
         if self.auth is not None:
