@@ -396,11 +396,12 @@ async def test_modelgw_reconcile_with_a_kubeconfig_applies_and_deletes(emulator,
                 "--kubeconfig", str(kubeconfig), "--pod-etcd", "etcd.modelgw.svc:2379",
                 "--etcd", etcd_server.endpoint, "--prefix", etcd_prefix, "--identity", "cli", "--lease-ttl", "3",
             )
-            await until(lambda: stored(emu, DEPLOYMENTS, "runtime-cli") is not None, "runtime-cli applied",
-                        logs=processes.logs)
+            # the Deployment is applied before its PodDisruptionBudget: wait for both, not
+            # for the first and then look at the second (a fast machine looked in between)
+            await until(lambda: stored(emu, DEPLOYMENTS, "runtime-cli") is not None
+                        and stored(emu, PDBS, "runtime-cli") is not None, "runtime-cli applied", logs=processes.logs)
             (container,) = stored(emu, DEPLOYMENTS, "runtime-cli")["spec"]["template"]["spec"]["containers"]
             assert "etcd.modelgw.svc:2379" in container["command"]
-            assert stored(emu, PDBS, "runtime-cli") is not None
 
             await store.apply_runtime(runtime("stays", replicas=1))
             await store.delete_runtime("cli")
