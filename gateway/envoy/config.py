@@ -61,7 +61,7 @@ from modelgw.gateway.envoy.lua import (
     lua_source,
     version_source,
 )
-from modelgw.gateway.proxy import MODEL_AT_ITS_CAP
+from modelgw.gateway.proxy import MODEL_AT_ITS_CAP, ProxyLimits
 from modelgw.gateway.routing import ModelRoute, RoutingTable
 from modelgw.oip.protocol import MAX_MESSAGE_BYTES, SESSION_HEADER, SUBJECT_HEADER
 
@@ -86,6 +86,18 @@ class EnvoyConfigError(ValueError):
     """The configuration cannot be expressed for Envoy; the message says what to change."""
 
 
+def retry_settings(limits: ProxyLimits) -> dict[str, Any]:
+    """EnvoySettings' retry fields from the Python proxy's limits: attempts less the first;
+    its retry ratio as the budget's percentage; its floor of retries a second at any traffic
+    as the retries in flight Envoy always allows (Envoy's default of 3 failed requests when
+    a replica died under 4 concurrent ones)."""
+    return {"retries": limits.max_attempts - 1, "retry_budget_percent": limits.retry_ratio * 100,
+            "min_retry_concurrency": max(3, round(limits.min_retries_per_second))}
+
+
+_DEFAULT_RETRIES = retry_settings(ProxyLimits())
+
+
 @dataclass(frozen=True)
 class EnvoySettings:
     """Where Envoy listens and where the Python gateway's own listeners are."""
@@ -101,12 +113,10 @@ class EnvoySettings:
     max_header_bytes: int = 16 * 1024
     default_timeout: float = 60.0  # when neither the client nor the model sets one (ProxyLimits)
     max_in_flight: int = 4096  # a version's cap when its model sets none (the gateway-wide cap)
-    retries: int = 2  # at most 3 attempts, as the Python proxy (ProxyLimits.max_attempts - 1)
-    retry_budget_percent: float = 20.0  # ProxyLimits.retry_ratio, in percent
-    # retries in flight allowed whatever the traffic: the Python proxy's budget allows 10 a
-    # second at any traffic (ProxyLimits.min_retries_per_second); with Envoy's floor of 3, a
-    # replica dying under 4 concurrent requests overflowed the budget and failed requests
-    min_retry_concurrency: int = 10
+    # the Python proxy's retry limits (retry_settings), so that both planes retry alike
+    retries: int = _DEFAULT_RETRIES["retries"]
+    retry_budget_percent: float = _DEFAULT_RETRIES["retry_budget_percent"]
+    min_retry_concurrency: int = _DEFAULT_RETRIES["min_retry_concurrency"]
     drain_seconds: float = 30.0
 
 

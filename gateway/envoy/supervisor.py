@@ -65,6 +65,7 @@ from modelgw.gateway.envoy.config import (
     compile_resources,
     discovery_document,
     jwks_for,
+    retry_settings,
 )
 from modelgw.net import free_port
 from modelgw.process import tied_to_this_process
@@ -223,10 +224,7 @@ class EnvoyDataPlane:
             max_header_bytes=gateway.config.auth.max_header_bytes,
             default_timeout=gateway.config.limits.default_timeout,
             max_in_flight=gateway.config.limits.max_in_flight,
-            # the Python proxy's retry limits, so both planes retry alike
-            retries=gateway.config.limits.max_attempts - 1,
-            retry_budget_percent=gateway.config.limits.retry_ratio * 100,
-            min_retry_concurrency=max(3, round(gateway.config.limits.min_retries_per_second)),
+            **retry_settings(gateway.config.limits),
             drain_seconds=gateway.config.drain_seconds,
         )
         if self.auth is not None:
